@@ -1,0 +1,1 @@
+"""Reusable Lightning callbacks: dynamic sparse training, auxiliary-objective schedule, memory profiling."""

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install xmc-dst into it.
+#
+# torch is installed first and pinned to 2.13.0 only when no torch is importable in the venv yet: on the CPU-only
+# project machine pip then takes the local CPU wheel instead of a multi-GB CUDA build. A GPU user who created .venv
+# and installed their own torch beforehand keeps it (the package asks only for torch>=2.4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${XMC_DST_TORCH_VERSION:-2.13.0}"
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -1,0 +1,63 @@
+"""Shared fixtures: offline settings and a tiny random BERT with a WordPiece tokenizer.
+
+The tiny encoder is saved in a temporary directory and loaded through the same ``from_pretrained`` code as the
+shipped MiniLM, so tests exercise the real loading path without network or large weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tiny_encoder(directory: Path, words: list[str] | None = None, hidden_size: int = 32) -> Path:
+    """Write a random 2-layer BERT and a WordPiece tokenizer to ``directory`` and return it."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    pieces = ["##" + ch for ch in letters]
+    base = ["the", "a", "of", "and", "for", "library", "tool", "data", "python", "file", "game", "network"]
+    vocab = SPECIAL_TOKENS + list(dict.fromkeys(base + (words or []))) + letters + pieces + list(".,:;-_()/+'\"!?")
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "BertTokenizer", "do_lower_case": true, "model_max_length": 512}', encoding="utf-8"
+    )
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT + WordPiece tokenizer directory, loadable with ``AutoModel/AutoTokenizer``."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
