@@ -272,8 +272,11 @@ def lf_targets(path: PathLike, number: int, record: dict, num_labels: int) -> li
     return targets
 
 
-def read_filter_pairs(path: PathLike) -> np.ndarray:
-    """Read ``doc_index label_index`` lines (reciprocal pairs to drop before scoring) as an int64 [n, 2] array."""
+def read_filter_pairs(path: PathLike, num_docs: int | None = None, num_labels: int | None = None) -> np.ndarray:
+    """Read ``doc_index label_index`` lines (reciprocal pairs to drop before scoring) as an int64 [n, 2] array.
+
+    Blank lines are skipped; an empty file means no pair. Indices are checked against the bounds when given.
+    """
     pairs = array("q")
     for number, line in iter_lines(path):
         parts = line.split()
@@ -281,5 +284,8 @@ def read_filter_pairs(path: PathLike) -> np.ndarray:
             continue
         if len(parts) != 2 or not all(p.isdecimal() for p in parts):
             raise DataFormatError(path, number, "'doc_index label_index' (two non-negative integers)", line)
-        pairs.extend((int(parts[0]), int(parts[1])))
+        doc, label = int(parts[0]), int(parts[1])
+        if (num_docs is not None and doc >= num_docs) or (num_labels is not None and label >= num_labels):
+            raise DataFormatError(path, number, f"doc_index < {num_docs} and label_index < {num_labels}", line)
+        pairs.extend((doc, label))
     return np.frombuffer(pairs, dtype=np.int64).reshape(-1, 2).copy()
