@@ -1,0 +1,485 @@
+"""The fixed fan-in sparse layer and its rewiring primitive.
+
+Every output (label) ``l`` reads exactly ``fan_in`` inputs ``indices[l]`` with weights ``weight[l]``:
+
+    y[b, l] = sum_j weight[l, j] * x[b, indices[l, j]] + bias[l]
+
+so a head of ``L`` labels costs ``L * fan_in`` weights instead of ``L * in_features``, and the structure is a plain
+``[L, fan_in]`` tensor pair rather than a general sparse matrix. Dynamic sparse training changes ``indices`` in place
+(:meth:`FixedFanInLinear.rewire`) while the fan-in of every label stays fixed.
+
+Implementations (``impl``), all checked against the same naive gather oracle in the tests:
+
+* ``kernel``: C kernels (``csrc/fixed_fan_in.c``) that walk the labels once per pass; fastest on CPU.
+* ``csr``: ``torch.sparse.mm`` forward; backward computes the weight gradient with ``torch.sparse.sampled_addmm`` and
+  the input gradient with the transposed CSR product, blocked by labels so each block's output gradient stays in
+  cache. Works on CPU and CUDA.
+* ``embedding_bag``: portable fallback built on ``embedding_bag`` and chunked gathers; any device.
+
+``auto`` picks ``kernel`` on CPU where the kernels build, ``csr`` on CUDA, ``embedding_bag`` elsewhere.
+
+The layer always computes in fp32 (or fp64 for fp64 inputs), also under autocast: an fp16 sum over the fan-in would
+lose the small weights DST is about to prune, and the output is small next to the encoder's activations.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from xmc_dst.kernels import load_kernels
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+Impl = Literal["auto", "kernel", "csr", "embedding_bag"]
+IMPLS: tuple[str, ...] = ("kernel", "csr", "embedding_bag")
+# Index dtype: int32 halves the index memory (670K x 32 indices: 86 MB instead of 171 MB) and covers any input width
+# below 2**31; embedding_bag, CSR tensors and the C kernels all take int32 indices directly.
+INDEX_DTYPE = torch.int32
+# Labels per block of the blocked transposed product in the ``csr`` backward on CPU: 1024 x batch 64 fp32 output-
+# gradient rows are 256 KB, which stays in L2 while the block's connections are scattered.
+CSR_BLOCK_LABELS = 1024
+# Labels per chunk of the gathers in the ``embedding_bag`` backward: bounds the [chunk, fan_in, batch] temporary.
+GATHER_CHUNK_ELEMENTS = 1 << 24
+
+
+def _num_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _KernelFunction(torch.autograd.Function):
+    """Forward and backward through the C kernels (CPU, fp32/fp64, contiguous weight and indices)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor) -> Tensor:  # noqa: D102
+        lib = load_kernels()
+        suffix = "f64" if x.dtype == torch.float64 else "f32"
+        xt = x.t().contiguous()
+        batch, num_out, fan_in = x.shape[0], weight.shape[0], weight.shape[1]
+        out = torch.empty(batch, num_out, dtype=x.dtype)
+        getattr(lib, f"ffi_forward_{suffix}")(
+            xt.data_ptr(), weight.data_ptr(), indices.data_ptr(), _ptr(bias), out.data_ptr(),
+            num_out, fan_in, batch, out.stride(0), out.stride(1), _num_threads(),
+        )
+        ctx.save_for_backward(xt, weight, indices)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        xt, weight, indices = ctx.saved_tensors
+        lib = load_kernels()
+        suffix = "f64" if xt.dtype == torch.float64 else "f32"
+        grad_out = grad_out.to(xt.dtype)
+        want_x, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_w = torch.empty_like(weight) if want_w else None
+        grad_xt = torch.empty_like(xt) if want_x else None
+        if want_x or want_w:
+            getattr(lib, f"ffi_backward_{suffix}")(
+                xt.data_ptr(), weight.data_ptr(), indices.data_ptr(), grad_out.data_ptr(), _ptr(grad_w),
+                _ptr(grad_xt), weight.shape[0], weight.shape[1], xt.shape[1], xt.shape[0],
+                grad_out.stride(0), grad_out.stride(1), _num_threads(),
+            )
+        grad_b = grad_out.sum(0) if (ctx.has_bias and want_b) else None
+        grad_x = grad_xt.t() if grad_xt is not None else None
+        return grad_x, grad_w, grad_b, None
+
+
+@dataclass
+class _Transposed:
+    """The connections sorted by input, blocked by labels; rebuilt only when the topology changes.
+
+    Block ``k`` covers labels ``[starts[k], starts[k+1])``; within it ``col_ptr[k]`` are CSR row pointers over the
+    inputs, ``rows`` the local label of each connection and ``order`` its position in ``weight.view(-1)``.
+    """
+
+    starts: list[int]
+    col_ptr: Tensor  # [num_blocks, in_features + 1]
+    rows: Tensor  # [nnz], local label ids
+    order: Tensor  # [nnz], int64 positions into the flat weight
+
+
+def _build_transposed(indices: Tensor, in_features: int, block_labels: int) -> _Transposed:
+    num_out, fan_in = indices.shape
+    block_labels = max(1, min(block_labels, num_out))
+    flat = indices.reshape(-1).long()
+    label = torch.arange(num_out, device=indices.device).repeat_interleave(fan_in)
+    block = label // block_labels
+    # Sort connections by (block, input, label): a stable sort on (block, input) keeps labels ascending.
+    order = torch.argsort(block * in_features + flat, stable=True)
+    num_blocks = (num_out + block_labels - 1) // block_labels
+    counts = torch.bincount(block * in_features + flat, minlength=num_blocks * in_features).view(num_blocks, -1)
+    col_ptr = torch.zeros(num_blocks, in_features + 1, dtype=torch.int64, device=indices.device)
+    col_ptr[:, 1:] = counts.cumsum(1)
+    rows = (label[order] - block[order] * block_labels).to(INDEX_DTYPE)
+    starts = list(range(0, num_out, block_labels)) + [num_out]
+    return _Transposed(starts, col_ptr.to(INDEX_DTYPE), rows, order)
+
+
+def _csr(indices: Tensor, values: Tensor, in_features: int) -> Tensor:
+    num_out, fan_in = indices.shape
+    crow = torch.arange(0, num_out * fan_in + 1, fan_in, dtype=indices.dtype, device=indices.device)
+    return torch.sparse_csr_tensor(crow, indices.reshape(-1), values.reshape(-1), (num_out, in_features),
+                                   check_invariants=False)
+
+
+def _transposed_product(tr: _Transposed, weight: Tensor, grad_t: Tensor, in_features: int) -> Tensor:
+    """``W^T @ grad_t`` ([in, batch]) from the blocked transposed structure; ``grad_t`` is [out, batch]."""
+    values = weight.reshape(-1)[tr.order]
+    acc = torch.zeros(in_features, grad_t.shape[1], dtype=weight.dtype, device=weight.device)
+    offset = 0
+    for k in range(len(tr.starts) - 1):
+        start, stop = tr.starts[k], tr.starts[k + 1]
+        nnz = (stop - start) * weight.shape[1]
+        block = torch.sparse_csr_tensor(tr.col_ptr[k], tr.rows[offset:offset + nnz], values[offset:offset + nnz],
+                                        (in_features, stop - start), check_invariants=False)
+        acc += torch.sparse.mm(block, grad_t[start:stop])
+        offset += nnz
+    return acc
+
+
+class _CSRFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # noqa: D102
+                transposed: _Transposed) -> Tensor:
+        in_features = x.shape[1]
+        out_t = torch.sparse.mm(_csr(indices, weight, in_features), x.t())  # [out, batch]
+        if bias is not None:
+            out_t += bias[:, None]
+        ctx.save_for_backward(x, weight, indices)
+        ctx.transposed, ctx.has_bias = transposed, bias is not None
+        return out_t.t()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        x, weight, indices = ctx.saved_tensors
+        grad_t = grad_out.to(x.dtype).t().contiguous()  # free when grad_out came back in the output's layout
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            pattern = _csr(indices, weight, x.shape[1])
+            grad_w = torch.sparse.sampled_addmm(pattern, grad_t, x, beta=0.0).values().view_as(weight)
+        if ctx.needs_input_grad[0]:
+            grad_x = _transposed_product(ctx.transposed, weight, grad_t, x.shape[1]).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_t.sum(1)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _EmbeddingBagFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # noqa: D102
+                transposed: _Transposed) -> Tensor:
+        xt = x.t().contiguous()
+        out_t = nn.functional.embedding_bag(indices, xt, per_sample_weights=weight, mode="sum")  # [out, batch]
+        if bias is not None:
+            out_t += bias[:, None]
+        ctx.save_for_backward(xt, weight, indices)
+        ctx.transposed, ctx.has_bias = transposed, bias is not None
+        return out_t.t()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        xt, weight, indices = ctx.saved_tensors
+        grad_t = grad_out.to(xt.dtype).t().contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            num_out, fan_in = weight.shape
+            chunk = max(1, GATHER_CHUNK_ELEMENTS // max(1, fan_in * xt.shape[1]))
+            grad_w = torch.empty_like(weight)
+            for start in range(0, num_out, chunk):
+                stop = min(num_out, start + chunk)
+                gathered = xt[indices[start:stop].long()]  # [chunk, fan_in, batch]
+                grad_w[start:stop] = torch.bmm(gathered, grad_t[start:stop, :, None]).squeeze(-1)
+        if ctx.needs_input_grad[0]:
+            tr = ctx.transposed
+            # One block: every input is a bag of the labels it feeds, weighted by the connection's weight.
+            grad_xt = nn.functional.embedding_bag(
+                tr.rows.long(), grad_t, tr.col_ptr[0, :-1].long(), per_sample_weights=weight.reshape(-1)[tr.order],
+                mode="sum",
+            )
+            grad_x = grad_xt.t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_t.sum(1)
+        return grad_x, grad_w, grad_b, None, None
+
+
+@dataclass
+class RewireResult:
+    """What one :meth:`FixedFanInLinear.rewire` did.
+
+    ``permutation[l, j]`` is the slot that new slot ``j`` of row ``l`` came from (rows are re-sorted after regrowth,
+    so surviving connections can move); ``regrown[l, j]`` marks the slots that hold a new connection.
+    """
+
+    regrown: Tensor  # bool [out, fan_in]
+    permutation: Tensor  # int64 [out, fan_in]
+    num_pruned: int
+
+    @property
+    def regrown_fraction(self) -> float:
+        """Share of all slots that were regrown."""
+        return self.num_pruned / max(1, self.regrown.numel())
+
+
+class FixedFanInLinear(nn.Module):
+    """A linear layer in which every output reads exactly ``fan_in`` of the inputs.
+
+    Args:
+        in_features: input width.
+        out_features: number of outputs (labels).
+        fan_in: connections per output, ``1 <= fan_in <= in_features``.
+        bias: learn an additive bias per output.
+        impl: ``auto``, ``kernel``, ``csr`` or ``embedding_bag`` (see the module docstring).
+        generator: random source for the initial topology and weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fan_in: int, bias: bool = True, impl: Impl = "auto",
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not 1 <= fan_in <= in_features:
+            raise ValueError(f"fan_in must be between 1 and in_features={in_features}, got {fan_in}")
+        if impl not in ("auto", *IMPLS):
+            raise ValueError(f"impl must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
+        if in_features >= 2**31:
+            raise ValueError("in_features must be below 2**31 (int32 indices)")
+        self.in_features, self.out_features, self.fan_in, self.impl = in_features, out_features, fan_in, impl
+        self.weight = nn.Parameter(torch.empty(out_features, fan_in, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("indices", torch.empty(out_features, fan_in, dtype=INDEX_DTYPE, device=device))
+        # Counts rewires; persistent so that checkpoints carry it.
+        self.register_buffer("topology_version", torch.zeros((), dtype=torch.int64, device=device))
+        self._transposed: _Transposed | None = None
+        self._transposed_key: tuple | None = None
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw a uniform random topology (without replacement per row) and fan-in-scaled weights."""
+        self.indices.copy_(random_indices(self.out_features, self.in_features, self.fan_in, generator,
+                                          self.indices.device))
+        bound = 1.0 / math.sqrt(self.fan_in)
+        self.weight.copy_(_uniform(self.weight.shape, bound, generator, self.weight))
+        if self.bias is not None:
+            self.bias.copy_(_uniform(self.bias.shape, bound, generator, self.bias))
+        self.topology_version.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
+                f"bias={self.bias is not None}, impl={self.impl}")
+
+    def resolved_impl(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
+        """The implementation ``forward`` uses on ``device`` (default: where the weights are)."""
+        device = device or self.weight.device
+        dtype = dtype or torch.float32
+        if self.impl != "auto":
+            if self.impl == "kernel" and (device.type != "cpu" or load_kernels() is None):
+                raise RuntimeError("impl='kernel' needs a CPU tensor and a working C compiler; use impl='auto'")
+            return self.impl
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64) and load_kernels() is not None:
+            return "kernel"
+        return "csr" if device.type in ("cpu", "cuda") else "embedding_bag"
+
+    def transposed_structure(self, block_labels: int | None = None) -> _Transposed:
+        """The input-major structure, cached until the indices change (rewire, ``load_state_dict``, ``.to``).
+
+        ``block_labels`` defaults to :data:`CSR_BLOCK_LABELS` on CPU and to one block elsewhere.
+        """
+        idx = self.indices
+        if block_labels is None:
+            block_labels = CSR_BLOCK_LABELS if idx.device.type == "cpu" else self.out_features
+        key = (idx.data_ptr(), idx._version, idx.device, block_labels)
+        if self._transposed is None or self._transposed_key != key:
+            self._transposed = _build_transposed(idx, self.in_features, block_labels)
+            self._transposed_key = key
+        return self._transposed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(compute)
+            weight = self.weight.to(compute)
+            bias = self.bias.to(compute) if self.bias is not None else None
+            impl = self.resolved_impl(x.device, compute)
+            if impl == "kernel":
+                y = _KernelFunction.apply(x.contiguous(), weight.contiguous(), bias, self.indices.contiguous())
+            elif impl == "csr":
+                y = _CSRFunction.apply(x, weight, bias, self.indices, self.transposed_structure())
+            else:
+                y = _EmbeddingBagFunction.apply(x, weight, bias, self.indices,
+                                                self.transposed_structure(self.out_features))
+        return y.reshape(*lead, self.out_features)
+
+    def dense_weight(self) -> Tensor:
+        """The equivalent dense ``[out, in]`` weight (for tests and small layers only)."""
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        return dense.scatter_(1, self.indices.long(), self.weight.detach())
+
+    @torch.no_grad()
+    def rewire(self, mode: Literal["threshold", "fraction"], amount: float, generator: torch.Generator | None = None,
+               init: Literal["zero", "uniform"] = "zero") -> RewireResult:
+        """Prune weak connections per row by magnitude and regrow as many at random inputs (SET).
+
+        Args:
+            mode: ``threshold`` drops every weight with ``|w| < amount``; ``fraction`` drops the
+                ``round(amount * fan_in)`` smallest weights of each row.
+            amount: the threshold or the fraction.
+            generator: random source of the regrown inputs (deterministic for a given generator state).
+            init: value of the regrown weights: ``zero`` or ``uniform`` in ``+-1/sqrt(fan_in)``.
+
+        New inputs are drawn uniformly among the inputs the row was not connected to before this call, so a rewire
+        always changes the topology where it prunes. A row can regrow at most ``in_features - fan_in`` connections;
+        beyond that its weakest are kept. Rows stay sorted and unique; the fan-in never changes.
+        """
+        prune = prune_mask(self.weight, mode, amount, max_per_row=self.in_features - self.fan_in)
+        sorted_idx, permutation = regrow(self.indices, prune, self.in_features, generator)
+        if init == "zero":
+            fresh = torch.zeros_like(self.weight)
+        elif init == "uniform":
+            fresh = _uniform(self.weight.shape, 1.0 / math.sqrt(self.fan_in), generator, self.weight)
+        else:
+            raise ValueError(f"init must be 'zero' or 'uniform', got {init!r}")
+        new_weight = torch.where(prune, fresh, self.weight).gather(1, permutation)
+        regrown = prune.gather(1, permutation)
+        self.weight.copy_(new_weight)
+        self.indices.copy_(sorted_idx)
+        self.topology_version += 1
+        return RewireResult(regrown=regrown, permutation=permutation, num_pruned=int(prune.sum()))
+
+    def reset_optimizer_state(self, optimizer: torch.optim.Optimizer, result: RewireResult) -> int:
+        """Move this layer's optimizer state with its connections and zero it at regrown slots (see module helper)."""
+        return reset_optimizer_state(optimizer, self.weight, result)
+
+
+def _uniform(shape: torch.Size, bound: float, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    gen_device = generator.device if generator is not None else like.device
+    values = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return ((values * 2 - 1) * bound).to(device=like.device, dtype=like.dtype)
+
+
+def random_indices(num_rows: int, in_features: int, fan_in: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+    """``[num_rows, fan_in]`` sorted input ids drawn uniformly without replacement per row."""
+    start = torch.zeros(num_rows, fan_in, dtype=torch.long, device=device)
+    everything = torch.ones(num_rows, fan_in, dtype=torch.bool, device=device)
+    # Regrowing every slot of rows that exclude nothing is exactly uniform sampling without replacement.
+    indices, _ = regrow(start, everything, in_features, generator, exclude_old=False)
+    return indices.to(INDEX_DTYPE)
+
+
+def prune_mask(weight: Tensor, mode: str, amount: float, max_per_row: int | None = None) -> Tensor:
+    """Boolean ``[rows, fan_in]`` mask of the connections to prune, by magnitude per row."""
+    magnitude = weight.detach().abs()
+    fan_in = weight.shape[1]
+    cap = fan_in if max_per_row is None else max(0, min(fan_in, max_per_row))
+    if mode == "threshold":
+        if amount < 0:
+            raise ValueError(f"threshold must be >= 0, got {amount}")
+        mask = magnitude < amount
+        if cap < fan_in:  # rows that cannot regrow all of them keep their strongest below-threshold weights
+            weakest = magnitude.topk(cap, dim=1, largest=False).indices
+            mask &= torch.zeros_like(mask).scatter_(1, weakest, True)
+        return mask
+    if mode == "fraction":
+        if not 0.0 <= amount <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {amount}")
+        count = min(cap, int(round(amount * fan_in)))
+        mask = torch.zeros_like(magnitude, dtype=torch.bool)
+        if count > 0:
+            mask.scatter_(1, magnitude.topk(count, dim=1, largest=False).indices, True)
+        return mask
+    raise ValueError(f"mode must be 'threshold' or 'fraction', got {mode!r}")
+
+
+def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.Generator | None = None,
+           exclude_old: bool = True, use_kernel: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Replace the ``pruned`` slots of ``indices`` ``[rows, k]`` by inputs drawn uniformly without replacement among
+    the inputs the row does not keep (with ``exclude_old``, not the pruned ones either), then sort every row.
+
+    Returns ``(sorted_indices, permutation)`` (int64): new slot ``j`` of row ``r`` holds what slot
+    ``permutation[r, j]`` of the merged row held. On CPU the C kernel does this in one pass over the rows (each row
+    with its own random stream seeded from ``generator``); elsewhere, or with ``use_kernel=False``, a vectorised
+    PyTorch path does. Both are deterministic for a given generator state, but they draw different inputs.
+    """
+    lib = load_kernels() if indices.device.type == "cpu" and use_kernel is not False else None
+    if use_kernel and lib is None:
+        raise RuntimeError("the regrowth kernel needs CPU tensors and a working C compiler")
+    if lib is None:
+        return _regrow_torch(indices, pruned, in_features, generator, exclude_old)
+    gen_device = generator.device if generator is not None else indices.device
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
+    rows, k = indices.shape
+    idx32 = indices.to(torch.int32).contiguous()
+    mask = pruned.to(torch.uint8).contiguous()
+    out_idx = torch.empty(rows, k, dtype=torch.int32)
+    permutation = torch.empty(rows, k, dtype=torch.int64)
+    status = lib.ffi_regrow(idx32.data_ptr(), mask.data_ptr(), rows, k, in_features, seed, int(exclude_old),
+                            out_idx.data_ptr(), permutation.data_ptr(), _num_threads())
+    if status != 0:
+        raise ValueError(f"cannot regrow: a row has fewer than the requested free inputs among {in_features}")
+    return out_idx.long(), permutation
+
+
+def _regrow_torch(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.Generator | None,
+                  exclude_old: bool) -> tuple[Tensor, Tensor]:
+    """The PyTorch path of :func:`regrow`.
+
+    Occupancy is a bit-packed ``[rows, ceil(in_features / 64)]`` int64 map (670K rows x 768 inputs: 64 MB). One slot
+    column at a time, every row that needs slot ``j`` draws a candidate, keeps it if its bit is clear and redraws
+    otherwise; accepted bits are set by adding ``1 << bit`` (rows are distinct within a column, so adding is OR). The
+    loops run over slot columns and retries, never over rows.
+    """
+    rows, k = indices.shape
+    device = indices.device
+    gen_device = generator.device if generator is not None else device
+    words_per_row = (in_features + 63) // 64
+    old = indices.long()
+    taken = old if exclude_old else old[:, :0]
+    occupancy = torch.zeros(rows, words_per_row, dtype=torch.long, device=device)
+    occupancy.scatter_add_(1, taken >> 6, torch.ones_like(taken) << (taken & 63))
+    occupancy = occupancy.view(-1)
+    merged = old.clone().view(-1)
+    for j in range(k):
+        need = pruned[:, j].nonzero().squeeze(1)
+        while need.numel():
+            draw = torch.randint(in_features, (need.numel(),), generator=generator, device=gen_device).to(device)
+            word = need * words_per_row + (draw >> 6)
+            free = (occupancy[word] >> (draw & 63)) & 1 == 0
+            occupancy.index_add_(0, word[free], torch.ones_like(draw[free]) << (draw[free] & 63))
+            merged[need[free] * k + j] = draw[free]
+            need = need[~free]
+    sorted_indices, permutation = merged.view(rows, k).sort(dim=1)
+    return sorted_indices, permutation
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, result: RewireResult) -> int:
+    """After ``rewire``, make ``param``'s per-element optimizer state follow its connections.
+
+    Every state tensor shaped like the parameter (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, ...) is
+    permuted within rows as the weights were and zeroed at the regrown slots. Returns how many tensors were changed
+    (0 when the optimizer does not hold ``param`` or has no state for it yet).
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return 0
+    changed = 0
+    for value in state.values():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            moved = value.gather(1, result.permutation.to(value.device))
+            moved[result.regrown.to(value.device)] = 0
+            value.copy_(moved)
+            changed += 1
+    return changed
