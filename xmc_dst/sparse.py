@@ -152,7 +152,7 @@ class _CSRFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # noqa: D102
                 transposed: _Transposed) -> Tensor:
         in_features = x.shape[1]
-        out_t = torch.sparse.mm(_csr(indices, weight, in_features), x.t())  # [out, batch]
+        out_t = torch.sparse.mm(_csr(indices, weight, in_features), x.t().contiguous())  # [out, batch]
         if bias is not None:
             out_t += bias[:, None]
         ctx.save_for_backward(x, weight, indices)
