@@ -442,3 +442,42 @@ def test_delicious_and_split_form(tmp_path) -> None:
     assert batch["feature_offsets"].tolist() == [0, 2, 4, 6] and batch["label_ids"].tolist() == [1, 1, 1]
     with pytest.raises(FileNotFoundError, match=r"train\.txt \(or train_X_Xf\.txt"):
         BoWXMCDataModule(tmp_path / "missing")
+
+
+def test_lightning_trainer_drives_the_hooks(debtags: Debtags) -> None:
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self, num_labels: int) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, num_labels)
+            self.seen: dict[str, set[str]] = {}
+
+        def training_step(self, batch, batch_idx):
+            self.seen["train"] = set(batch)
+            return self.layer(batch["attention_mask"].sum(1, keepdim=True).float()).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.seen["val"] = set(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Debtags(tokenizer=debtags.tokenizer_name, cache_dir=debtags.cache_root, max_length=24, batch_size=8)
+    probe = Probe(module.num_labels)
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(probe, datamodule=module)
+    keys = {"input_ids", "attention_mask", "label_ids", "label_offsets", "doc_index"}
+    assert probe.seen == {"train": keys, "val": keys}
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs(tmp_path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "data.py"
+    result = subprocess.run([sys.executable, str(script), "--lines", "3000", "--no-debtags", "--json"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["phase"] for r in rows] == ["first", "cached", "loader"]
+    assert rows[0]["docs"] == 3000 + 1000 and rows[2]["docs"] == 3000
+    assert all(r["docs_per_s"] > 0 and r["peak_rss_mb"] >= r["peak_anon_mb"] > 0 for r in rows)
