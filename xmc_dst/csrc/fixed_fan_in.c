@@ -17,7 +17,55 @@
 #define LABEL_TILE 16
 #define BATCH_TILE 64
 
+/* acc[0:n] = init + sum_j w[j] * xt[idx[j], b0:b0+n]. With n == BATCH_TILE the trip count is a constant, so the
+ * accumulator lives in vector registers across the connections instead of going through memory. */
+#define DEFINE_ROW_KERNELS(T, SUFFIX)                                                                                 \
+static inline void row_axpy_##SUFFIX(T *restrict acc, const T *restrict xt, const T *restrict w,                     \
+                                     const int32_t *restrict idx, int64_t K, int64_t B, int64_t b0, int64_t n) {     \
+    if (n == BATCH_TILE) {                                                                                            \
+        T a[BATCH_TILE];                                                                                              \
+        for (int64_t bb = 0; bb < BATCH_TILE; ++bb) a[bb] = acc[bb];                                                  \
+        for (int64_t j = 0; j < K; ++j) {                                                                             \
+            const T wv = w[j];                                                                                        \
+            const T *restrict xr = xt + (int64_t)idx[j] * B + b0;                                                     \
+            _Pragma("omp simd")                                                                                      \
+            for (int64_t bb = 0; bb < BATCH_TILE; ++bb) a[bb] += wv * xr[bb];                                         \
+        }                                                                                                             \
+        for (int64_t bb = 0; bb < BATCH_TILE; ++bb) acc[bb] = a[bb];                                                  \
+    } else {                                                                                                          \
+        for (int64_t j = 0; j < K; ++j) {                                                                             \
+            const T wv = w[j];                                                                                        \
+            const T *restrict xr = xt + (int64_t)idx[j] * B + b0;                                                     \
+            _Pragma("omp simd")                                                                                      \
+            for (int64_t bb = 0; bb < n; ++bb) acc[bb] += wv * xr[bb];                                                \
+        }                                                                                                             \
+    }                                                                                                                 \
+}                                                                                                                     \
+                                                                                                                      \
+/* gw[j] (+)= sum_b g[b] * xt[idx[j], b0 + b] and acc[idx[j], b0 + b] += w[j] * g[b], for one label. */              \
+static inline void row_backward_##SUFFIX(const T *restrict g, const T *restrict xt, const T *restrict w,             \
+                                         const int32_t *restrict idx, T *restrict gw, T *restrict acc, int64_t K,    \
+                                         int64_t B, int64_t b0, int64_t n) {                                          \
+    for (int64_t j = 0; j < K; ++j) {                                                                                 \
+        const int64_t i = idx[j];                                                                                     \
+        if (gw) {                                                                                                     \
+            const T *restrict xr = xt + i * B + b0;                                                                   \
+            T s = 0;                                                                                                  \
+            _Pragma("omp simd reduction(+:s)")                                                                       \
+            for (int64_t bb = 0; bb < n; ++bb) s += g[bb] * xr[bb];                                                   \
+            gw[j] = b0 == 0 ? s : gw[j] + s;                                                                          \
+        }                                                                                                             \
+        if (acc) {                                                                                                    \
+            const T wv = w[j];                                                                                        \
+            T *restrict r = acc + i * B + b0;                                                                         \
+            _Pragma("omp simd")                                                                                      \
+            for (int64_t bb = 0; bb < n; ++bb) r[bb] += wv * g[bb];                                                   \
+        }                                                                                                             \
+    }                                                                                                                 \
+}
+
 #define DEFINE_KERNELS(T, SUFFIX)                                                                                     \
+DEFINE_ROW_KERNELS(T, SUFFIX)                                                                                         \
 /* out[b * so_b + l * so_l] = bias[l] + sum_j w[l, j] * xt[idx[l, j], b]; xt is [in, B] contiguous. */              \
 void ffi_forward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const T *bias, T *out, int64_t L,            \
                           int64_t K, int64_t B, int64_t so_b, int64_t so_l, int nthreads) {                          \
@@ -31,16 +79,9 @@ void ffi_forward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const T *
             int64_t nb = B - b0 < BATCH_TILE ? B - b0 : BATCH_TILE;                                                   \
             for (int64_t t = 0; t < nl; ++t) {                                                                        \
                 int64_t l = l0 + t;                                                                                   \
-                T *a = acc[t];                                                                                        \
                 T b_val = bias ? bias[l] : (T)0;                                                                      \
-                for (int64_t bb = 0; bb < nb; ++bb) a[bb] = b_val;                                                    \
-                const T *wl = w + l * K;                                                                              \
-                const int32_t *il = idx + l * K;                                                                      \
-                for (int64_t j = 0; j < K; ++j) {                                                                     \
-                    const T wv = wl[j];                                                                               \
-                    const T *xr = xt + (int64_t)il[j] * B + b0;                                                       \
-                    for (int64_t bb = 0; bb < nb; ++bb) a[bb] += wv * xr[bb];                                         \
-                }                                                                                                     \
+                for (int64_t bb = 0; bb < nb; ++bb) acc[t][bb] = b_val;                                               \
+                row_axpy_##SUFFIX(acc[t], xt, w + l * K, idx + l * K, K, B, b0, nb);                                  \
             }                                                                                                         \
             for (int64_t bb = 0; bb < nb; ++bb) {                                                                     \
                 T *o = out + (b0 + bb) * so_b + l0 * so_l;                                                            \
@@ -50,8 +91,9 @@ void ffi_forward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const T *
     }                                                                                                                 \
 }                                                                                                                     \
                                                                                                                       \
-/* Weight gradient gw[l, j] = sum_b g[b, l] * xt[idx[l, j], b] and, when gxt is not NULL, the transposed input      \
- * gradient gxt[i, b] = sum_{(l, j): idx[l, j] = i} w[l, j] * g[b, l], accumulated per thread then reduced. */       \
+/* Weight gradient gw[l, j] = sum_b g[b, l] * xt[idx[l, j], b] (when gw is not NULL) and the transposed input        \
+ * gradient gxt[i, b] = sum_{(l, j): idx[l, j] = i} w[l, j] * g[b, l] (when gxt is not NULL), accumulated per thread  \
+ * in an [in, B] buffer that stays in cache, then reduced. */                                                        \
 void ffi_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const T *g, T *gw, T *gxt, int64_t L,       \
                            int64_t K, int64_t B, int64_t D, int64_t sg_b, int64_t sg_l, int nthreads) {              \
     int64_t ntiles = (L + LABEL_TILE - 1) / LABEL_TILE;                                                              \
@@ -77,21 +119,8 @@ void ffi_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const T 
                 }                                                                                                     \
                 for (int64_t t = 0; t < nl; ++t) {                                                                    \
                     int64_t l = l0 + t;                                                                               \
-                    const T *gl = gt[t];                                                                              \
-                    for (int64_t j = 0; j < K; ++j) {                                                                 \
-                        const int64_t i = il_at(idx, l, K, j);                                                        \
-                        if (gw) {                                                                                     \
-                            const T *xr = xt + i * B + b0;                                                            \
-                            T s = 0;                                                                                  \
-                            for (int64_t bb = 0; bb < nb; ++bb) s += gl[bb] * xr[bb];                                 \
-                            if (b0 == 0) gw[l * K + j] = s; else gw[l * K + j] += s;                                  \
-                        }                                                                                             \
-                        if (my) {                                                                                     \
-                            const T wv = w[l * K + j];                                                                \
-                            T *r = my + i * B + b0;                                                                   \
-                            for (int64_t bb = 0; bb < nb; ++bb) r[bb] += wv * gl[bb];                                 \
-                        }                                                                                             \
-                    }                                                                                                 \
+                    row_backward_##SUFFIX(gt[t], xt, w + l * K, idx + l * K, gw ? gw + l * K : NULL, my, K, B, b0,   \
+                                          nb);                                                                        \
                 }                                                                                                     \
             }                                                                                                         \
         }                                                                                                             \
@@ -107,8 +136,6 @@ void ffi_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const T 
         free(scratch);                                                                                                \
     }                                                                                                                 \
 }
-
-static inline int64_t il_at(const int32_t *idx, int64_t l, int64_t K, int64_t j) { return (int64_t)idx[l * K + j]; }
 
 DEFINE_KERNELS(float, f32)
 DEFINE_KERNELS(double, f64)
