@@ -1,0 +1,428 @@
+"""The LightningModule and its parts (encoders, optimizer, schedules) against independent references."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from xmc_dst.encoders import BagOfWordsEncoder, EncoderInputs, TransformerEncoder, masked_mean
+from xmc_dst.losses import squared_hinge
+from xmc_dst.model import XMCModule, load_label_clusters, top_k
+from xmc_dst.optim import GroupwiseOptimizer, schedule_lambda, split_no_decay
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def _params(seed: int, shapes=((5, 3), (3,), (4, 2))) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in shapes]
+
+
+def _run(optimizer_factory, steps: int = 6, seed: int = 0) -> list[torch.Tensor]:
+    params = [nn.Parameter(p) for p in _params(seed)]
+    optimizer = optimizer_factory(params)
+    g = torch.Generator().manual_seed(seed + 100)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_groups_match_torch_adamw(weight_decay):
+    kwargs = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
+    ours = _run(lambda ps: GroupwiseOptimizer([{"params": ps, "algorithm": "adamw", **kwargs}]))
+    reference = _run(lambda ps: torch.optim.AdamW(ps, **kwargs))
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("nesterov,dampening,weight_decay", [(False, 0.0, 0.0), (True, 0.0, 0.01),
+                                                            (False, 0.3, 0.05)])
+def test_sgd_groups_match_torch_sgd(nesterov, dampening, weight_decay):
+    kwargs = dict(lr=0.1, momentum=0.9, nesterov=nesterov, dampening=dampening, weight_decay=weight_decay)
+    ours = _run(lambda ps: GroupwiseOptimizer([{"params": ps, "algorithm": "sgd", **kwargs}]))
+    reference = _run(lambda ps: torch.optim.SGD(ps, **kwargs))
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_mixed_groups_update_like_two_torch_optimizers():
+    adam_kwargs, sgd_kwargs = dict(lr=0.01, weight_decay=0.01), dict(lr=0.2, momentum=0.5, weight_decay=1e-3)
+
+    def ours(ps):
+        return GroupwiseOptimizer([{"params": ps[:2], "algorithm": "adamw", **adam_kwargs},
+                                   {"params": ps[2:], "algorithm": "sgd", **sgd_kwargs}])
+
+    class Two:
+        def __init__(self, ps):
+            self.a, self.b = torch.optim.AdamW(ps[:2], **adam_kwargs), torch.optim.SGD(ps[2:], **sgd_kwargs)
+
+        def step(self):
+            self.a.step()
+            self.b.step()
+
+    for a, b in zip(_run(ours), _run(Two), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_optimizer_state_roundtrip_and_names():
+    params = [nn.Parameter(p) for p in _params(1)]
+    opt = GroupwiseOptimizer([{"params": params[:2], "algorithm": "adamw"},
+                              {"params": params[2:], "algorithm": "sgd", "momentum": 0.9}], lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.state[params[2]]) == {"momentum_buffer"}
+    clone = GroupwiseOptimizer([{"params": params[:2], "algorithm": "adamw"},
+                                {"params": params[2:], "algorithm": "sgd", "momentum": 0.9}], lr=0.1)
+    clone.load_state_dict(opt.state_dict())
+    torch.testing.assert_close(clone.state[params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+    with pytest.raises(ValueError, match="algorithm"):
+        GroupwiseOptimizer([{"params": params, "algorithm": "lion"}])
+
+
+def test_schedules():
+    cosine = schedule_lambda("cosine", warmup_steps=4, total_steps=14)
+    assert [round(cosine(s), 6) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert cosine(4) == pytest.approx(1.0)
+    assert cosine(9) == pytest.approx(0.5)  # half-way through the decay
+    assert cosine(14) == pytest.approx(0.0) and cosine(100) == pytest.approx(0.0)
+    linear = schedule_lambda("linear", warmup_steps=0, total_steps=10)
+    assert [linear(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    assert schedule_lambda("constant", 2, 10)(9) == 1.0
+    with pytest.raises(ValueError):
+        schedule_lambda("step", 0, 1)
+
+
+def test_split_no_decay_exempts_biases_and_norms():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2, bias=False))
+    model[2].weight.requires_grad_(False)
+    decay, no_decay = split_no_decay(model.named_parameters())
+    assert [id(p) for p in decay] == [id(model[0].weight)]
+    assert {id(p) for p in no_decay} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+
+def _text_batch(tiny_encoder_dir, texts=("the python library", "a game", "network data file tool python")):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    enc = tok(list(texts), padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def test_masked_mean_matches_loop():
+    hidden = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    expected = torch.stack([hidden[i, : int(mask[i].sum())].mean(0) for i in range(3)])
+    torch.testing.assert_close(masked_mean(hidden, mask), expected)
+
+
+@pytest.mark.parametrize("pooling,num_layers", [("mean", 1), ("cls", 1), ("cls_concat", 2)])
+def test_transformer_pooling_matches_direct_model(tiny_encoder_dir, pooling, num_layers):
+    from transformers import AutoModel
+
+    batch = _text_batch(tiny_encoder_dir)
+    encoder = TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir)), pooling=pooling,
+                                 num_layers=num_layers).eval()
+    reference = AutoModel.from_pretrained(tiny_encoder_dir).eval()
+    with torch.no_grad():
+        out = reference(**batch, output_hidden_states=True)
+        got = encoder(batch)
+    mask = batch["attention_mask"]
+    if pooling == "mean":
+        expected = torch.stack([out.last_hidden_state[i, mask[i].bool()].mean(0) for i in range(len(mask))])
+    elif pooling == "cls":
+        expected = out.last_hidden_state[:, 0]
+    else:
+        expected = torch.cat([out.hidden_states[-1][:, 0], out.hidden_states[-2][:, 0]], dim=1)
+    assert encoder.output_dim == 32 * num_layers
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_freezing_and_architecture_only(tiny_encoder_dir):
+    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
+    top = TransformerEncoder(inputs, trainable_layers=1)
+    trainable = {name for name, p in top.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("transformer.encoder.layer.1.") for name in trainable)
+    frozen = TransformerEncoder(inputs, trainable_layers=0, dropout=0.5).train()
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.transformer.training
+    batch = _text_batch(tiny_encoder_dir)
+    assert not frozen(batch).requires_grad
+    bare = TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir), pretrained_weights=False))
+    full = TransformerEncoder(inputs)
+    assert bare.state_dict().keys() == full.state_dict().keys()
+    with pytest.raises(ValueError, match="model location"):
+        TransformerEncoder(EncoderInputs())
+
+
+def test_transformer_compile_keeps_outputs_and_state_keys(tiny_encoder_dir):
+    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
+    plain = TransformerEncoder(inputs).eval()
+    compiled = TransformerEncoder(inputs, compile=True, compile_options={"backend": "eager"}).eval()
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    batch = _text_batch(tiny_encoder_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(batch), plain(batch))
+
+
+def test_bag_of_words_matches_dense_product():
+    torch.manual_seed(0)
+    encoder = BagOfWordsEncoder(EncoderInputs(num_features=10), embedding_dim=6, hidden_dim=4, normalize=True)
+    ids = torch.tensor([1, 4, 4, 9, 0, 2])  # a repeated feature id sums
+    values = torch.tensor([0.5, 1.0, 2.0, 0.3, 1.5, 0.7])
+    offsets = torch.tensor([0, 3, 3, 6])  # the middle document is empty
+    dense = torch.zeros(3, 10)
+    for row in range(3):
+        for j in range(offsets[row], offsets[row + 1]):
+            dense[row, ids[j]] += values[j]
+    norms = torch.zeros(3)
+    for row in range(3):
+        norms[row] = values[offsets[row]:offsets[row + 1]].pow(2).sum().sqrt().clamp(min=1e-12)
+    expected = torch.relu(encoder.dense(torch.relu((dense / norms[:, None]) @ encoder.embedding.weight)))
+    got = encoder({"feature_ids": ids, "feature_values": values, "feature_offsets": offsets})
+    torch.testing.assert_close(got, expected)
+    assert encoder.output_dim == 4
+    with pytest.raises(ValueError, match="number of features"):
+        BagOfWordsEncoder(EncoderInputs())
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+def _bow_module(head="sparse", **kwargs) -> XMCModule:
+    torch.manual_seed(0)
+    defaults = dict(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6),
+                    num_labels=11, num_features=20, fan_in=3, head=head, seed=0)
+    defaults.update(kwargs)
+    return XMCModule(**defaults)
+
+
+def _bow_batch(seed=0, batch=4, num_features=20, num_labels=11):
+    g = torch.Generator().manual_seed(seed)
+    f_counts = torch.randint(1, 5, (batch,), generator=g)
+    l_counts = torch.randint(1, 4, (batch,), generator=g)
+    label_ids = torch.cat([torch.randperm(num_labels, generator=g)[: int(c)] for c in l_counts])
+    return {
+        "feature_ids": torch.randint(0, num_features, (int(f_counts.sum()),), generator=g),
+        "feature_values": torch.rand(int(f_counts.sum()), generator=g),
+        "feature_offsets": torch.cat([torch.zeros(1, dtype=torch.long), f_counts.cumsum(0)]),
+        "label_ids": label_ids,
+        "label_offsets": torch.cat([torch.zeros(1, dtype=torch.long), l_counts.cumsum(0)]),
+        "doc_index": torch.arange(batch),
+    }
+
+
+@pytest.mark.parametrize("head", ["sparse", "dense"])
+def test_forward_is_encoder_intermediate_head(head):
+    module = _bow_module(head, intermediate_dim=5, intermediate_activation="relu").eval()
+    batch = _bow_batch()
+    features = module.encoder(batch)
+    hidden = torch.relu(features @ module.intermediate[0].weight.T + module.intermediate[0].bias)
+    weight = module.head.dense_weight() if head == "sparse" else module.head.weight
+    expected = hidden @ weight.T + module.head.bias
+    torch.testing.assert_close(module(batch), expected, rtol=1e-5, atol=1e-6)
+    if head == "sparse":
+        assert (module.head.dense_weight() != 0).sum(1).le(3).all() and module.head.fan_in == 3
+        assert module.intermediate[1].__class__ is nn.ReLU
+
+
+def test_training_step_loss_and_aux_mixture():
+    module = _bow_module(aux_clusters=3, loss="squared_hinge", loss_reduction="sum")
+    batch = _bow_batch(1)
+    torch.manual_seed(5)
+    loss = module.training_step(batch, 0)
+    torch.manual_seed(5)
+    features = module.features(batch)
+    main = squared_hinge(module.logits_from_features(features), batch["label_ids"], batch["label_offsets"], "sum")
+    torch.testing.assert_close(loss, main)  # alpha defaults to 0: the auxiliary head is not used
+
+    module.aux_alpha = 0.25
+    torch.manual_seed(5)
+    mixed = module.training_step(batch, 0)
+    torch.manual_seed(5)
+    features = module.features(batch)
+    main = squared_hinge(module.logits_from_features(features), batch["label_ids"], batch["label_offsets"], "sum")
+    # dense reference of the meta-labels: cluster c is positive when any of the document's labels is in c
+    target = torch.zeros(4, 3)
+    for row in range(4):
+        for j in range(batch["label_offsets"][row], batch["label_offsets"][row + 1]):
+            target[row, module.label_clusters[batch["label_ids"][j]]] = 1.0
+    aux = nn.functional.binary_cross_entropy_with_logits(module.aux_head(features), target)
+    torch.testing.assert_close(mixed, 0.75 * main + 0.25 * aux)
+
+
+def test_label_clusters_from_file(tmp_path):
+    groups = np.empty(2, dtype=object)
+    groups[0], groups[1] = np.array([0, 2, 4]), np.array([1, 3])
+    np.save(tmp_path / "groups.npy", groups, allow_pickle=True)
+    assert load_label_clusters(tmp_path / "groups.npy", 5).tolist() == [0, 1, 0, 1, 0]
+    np.save(tmp_path / "assign.npy", np.array([1, 1, 0]))
+    assert load_label_clusters(tmp_path / "assign.npy", 3).tolist() == [1, 1, 0]
+    with pytest.raises(ValueError):
+        load_label_clusters(tmp_path / "groups.npy", 6)
+    module = _bow_module(aux_cluster_file=str(tmp_path / "groups.npy"), num_labels=5)
+    assert module.aux_head.out_features == 2 and module.label_clusters.tolist() == [0, 1, 0, 1, 0]
+    module.set_label_clusters(torch.tensor([0, 1, 2, 2, 1]))
+    assert module.aux_head.out_features == 3
+
+
+def test_top_k_matches_brute_force_and_pads():
+    logits = torch.randn(5, 9)
+    scores, ids = top_k(logits, 4)
+    for row in range(5):
+        order = sorted(range(9), key=lambda j: -float(logits[row, j]))[:4]
+        assert ids[row].tolist() == order
+    scores, ids = top_k(logits[:, :2], 4)
+    assert ids[:, 2:].eq(-1).all() and torch.isinf(scores[:, 2:]).all()
+
+
+class _Data:
+    """A stand-in for the trainer's datamodule: the attributes ``setup`` reads."""
+
+    def __init__(self, num_labels=11):
+        self.label_names = [f"label{i}" for i in range(num_labels)]
+        self.train_label_counts = torch.arange(1, num_labels + 1)
+        self.num_train_docs = 50
+        self.propensity_a, self.propensity_b = 0.55, 1.5
+
+
+def _fit(module, batches, tmp_path, **trainer_kwargs):
+    import lightning as L
+
+    class Loader(list):
+        pass
+
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", **trainer_kwargs)
+
+    class DM(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            data = _Data()
+            self.__dict__.update(data.__dict__)
+
+        def train_dataloader(self):
+            return Loader(batches)
+
+        def val_dataloader(self):
+            return Loader(batches)
+
+        def test_dataloader(self):
+            return Loader(batches)
+
+    return trainer, DM()
+
+
+def test_configure_optimizers_groups_and_schedules(tmp_path):
+    module = _bow_module(intermediate_dim=5, aux_clusters=2, head_optimizer="sgd", encoder_lr=1e-3, head_lr=0.1,
+                         intermediate_lr=0.02, aux_lr=5e-4, warmup_steps=2, head_warmup_steps=0,
+                         head_lr_schedule="constant")
+    trainer, dm = _fit(module, [_bow_batch(i) for i in range(5)], tmp_path, max_epochs=2)
+    trainer.fit(module, datamodule=dm)
+    optimizer = trainer.optimizers[0]
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["encoder", "encoder_no_decay", "intermediate", "aux", "head"]
+    assert groups["head"]["algorithm"] == "sgd" and groups["encoder"]["algorithm"] == "adamw"
+    assert groups["encoder_no_decay"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in module.head.parameters()}
+    # 10 optimizer steps: the encoder's cosine has reached 0, the head is constant
+    assert groups["encoder"]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert groups["head"]["lr"] == pytest.approx(0.1)
+    assert groups["intermediate"]["initial_lr"] == 0.02 and groups["aux"]["initial_lr"] == 5e-4
+
+
+def test_validation_metrics_and_checkpoint_roundtrip(tmp_path):
+    from xmc_dst.metrics import inverse_propensity, xmc_metrics
+
+    module = _bow_module(loss="bce")
+    batches = [_bow_batch(i) for i in range(3)]
+    trainer, dm = _fit(module, batches, tmp_path, max_epochs=1, limit_val_batches=3)
+    trainer.fit(module, datamodule=dm)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    module.eval()
+    with torch.no_grad():
+        ids = torch.cat([top_k(module(b), 5)[1] for b in batches])
+    labels = torch.cat([b["label_ids"] for b in batches])
+    offsets = [0]
+    for b in batches:
+        offsets += (b["label_offsets"][1:] + offsets[-1]).tolist()
+    inv = inverse_propensity(dm.train_label_counts, 50, 0.55, 1.5)
+    expected = xmc_metrics(ids, labels, torch.tensor(offsets), (1, 3, 5), inv)
+    for name in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@3", "PSnDCG@5"):
+        assert logged[f"val/{name}"] == pytest.approx(float(expected[name]), rel=1e-5)
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)  # plain data only
+    assert checkpoint["label_names"] == dm.label_names
+    assert checkpoint["hyper_parameters"]["encoder"]["class_path"] == "xmc_dst.encoders.BagOfWordsEncoder"
+    restored = XMCModule.load_from_checkpoint(path, map_location="cpu").eval()
+    assert restored.label_names == dm.label_names
+    with torch.no_grad():
+        torch.testing.assert_close(restored(batches[0]), module(batches[0]))
+    prediction = restored.predict_step(batches[0], 0)
+    assert prediction["scores"].min() >= 0 and prediction["scores"].max() <= 1  # bce: probabilities
+
+
+def test_remove_aux_head_frees_parameters_and_reloads(tmp_path):
+    module = _bow_module(aux_clusters=2)
+    batches = [_bow_batch(i) for i in range(2)]
+    trainer, dm = _fit(module, batches, tmp_path, max_epochs=1, limit_val_batches=0)
+    module.aux_alpha = 0.5
+    trainer.fit(module, datamodule=dm)
+    optimizer = trainer.optimizers[0]
+    aux_params = list(module.aux_head.parameters())
+    assert all(p in optimizer.state for p in aux_params)
+    module.remove_aux_head()
+    assert module.aux_head is None and module.aux_alpha == 0.0
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not held & {id(p) for p in aux_params}
+    assert not any(id(p) in {id(q) for q in aux_params} for p in optimizer.state)
+    path = tmp_path / "after.ckpt"
+    trainer.save_checkpoint(path)
+    restored = XMCModule.load_from_checkpoint(path, map_location="cpu")
+    assert restored.aux_head is None
+    # resuming keeps the optimizer layout: the empty "aux" group is still there
+    trainer2, dm2 = _fit(restored, batches, tmp_path, max_epochs=2, limit_val_batches=0)
+    trainer2.fit(restored, datamodule=dm2, ckpt_path=path)
+    assert [g["name"] for g in trainer2.optimizers[0].param_groups][2] == "aux"
+
+
+def test_dense_and_sparse_heads_learn_a_separable_problem(tmp_path):
+    """Each label is one feature: both heads must rank the right label first after a few epochs."""
+    batches = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 11, (8,), generator=g)
+        batches.append({
+            "feature_ids": labels.clone(), "feature_values": torch.ones(8),
+            "feature_offsets": torch.arange(9), "label_ids": labels, "label_offsets": torch.arange(9),
+            "doc_index": torch.arange(8),
+        })
+    encoder = functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=16)
+    for head in ("sparse", "dense"):
+        module = _bow_module(head, encoder=encoder, fan_in=8, head_lr=0.05, encoder_lr=0.02, warmup_steps=0,
+                             lr_schedule="constant", loss="bce")
+        trainer, dm = _fit(module, batches, tmp_path, max_epochs=12, limit_val_batches=8)
+        trainer.fit(module, datamodule=dm)
+        assert float(trainer.callback_metrics["val/P@1"]) > 95.0, head
+
+
+def test_hparams_are_portable_for_python_built_modules(tiny_encoder_dir):
+    module = XMCModule(encoder=functools.partial(TransformerEncoder, pooling="cls"), num_labels=7,
+                       tokenizer=str(tiny_encoder_dir), fan_in=4)
+    assert module.hparams["encoder"] == {"class_path": "xmc_dst.encoders.TransformerEncoder",
+                                         "init_args": {"pooling": "cls"}}
+    assert module.encoder.pooling == "cls" and module.head.out_features == 7
+    assert math.isclose(module.hparams["encoder_lr"], 1e-5)

@@ -1,0 +1,228 @@
+"""Document encoders: plain ``nn.Module`` components that turn a batch dict into one feature vector per document.
+
+They are kept apart from the LightningModule (as in the lightning-hydra-template) and built by it: the module is
+given an encoder *factory* (a class or ``functools.partial``; in yaml a ``class_path`` with ``init_args``) and calls
+it with :class:`EncoderInputs`, which carries what comes from the data (the tokenizer / weights location, the
+number of bag-of-words features). That is how the DataModule's tokenizer reaches the encoder through one argument
+link, without naming the encoder twice.
+
+Every encoder has ``output_dim`` and ``forward(batch) -> [batch, output_dim]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+Pooling = Literal["cls", "mean", "cls_concat"]
+Activation = Literal["identity", "relu", "gelu", "tanh"]
+
+__all__ = ["ACTIVATIONS", "BagOfWordsEncoder", "EncoderFactory", "EncoderInputs", "TransformerEncoder",
+           "activation", "masked_mean"]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """An activation module by name (``identity``, ``relu``, ``gelu``, ``tanh``)."""
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
+
+
+@dataclass(frozen=True)
+class EncoderInputs:
+    """What an encoder needs from the data, passed by the LightningModule when it builds the encoder.
+
+    Attributes:
+        tokenizer: directory or hub name of the tokenizer of text data (also where the encoder weights are, unless
+            the encoder names another place).
+        num_features: vocabulary size of bag-of-words data.
+        pretrained_weights: load the pretrained weights (False: the architecture only, e.g. before loading a
+            checkpoint that holds all weights anyway).
+    """
+
+    tokenizer: str | None = None
+    num_features: int | None = None
+    pretrained_weights: bool = True
+
+
+EncoderFactory = Callable[[EncoderInputs], nn.Module]
+
+
+def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` [batch, seq, dim] over the positions where ``attention_mask`` is 1 (0 for empty rows)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class TransformerEncoder(nn.Module):
+    """A Hugging Face ``AutoModel`` (hub name or local directory) pooled to one vector, then dropout.
+
+    Args:
+        inputs: from the data (see :class:`EncoderInputs`); ``inputs.tokenizer`` is the model location by default.
+        pooling: ``mean`` (mean of the last hidden states over real tokens), ``cls`` (first token of the last
+            layer) or ``cls_concat`` (first token of each of the last ``num_layers`` layers, concatenated; the
+            authors' ``last_nhidden_conlast``).
+        num_layers: layers concatenated by ``cls_concat``.
+        dropout: dropout on the pooled vector (the authors' ``embed_dropout``).
+        pretrained: model location when it differs from the tokenizer's.
+        trainable_layers: train only the top ``n`` transformer layers (and nothing below them, embeddings
+            included); -1 trains everything, 0 freezes the encoder. A frozen encoder runs in eval mode (no dropout
+            inside it) and without autograd.
+        compile: compile the transformer with ``torch.compile`` (opt-in: it pays off on long GPU runs only).
+        compile_options: keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).
+    """
+
+    def __init__(self, inputs: EncoderInputs, pooling: Pooling = "mean", num_layers: int = 1, dropout: float = 0.0,
+                 pretrained: str | None = None, trainable_layers: int = -1, compile: bool = False,
+                 compile_options: dict[str, Any] | None = None, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean", "cls_concat"):
+            raise ValueError(f"pooling must be cls, mean or cls_concat, got {pooling!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        location = pretrained or inputs.tokenizer
+        if location is None:
+            raise ValueError("TransformerEncoder needs a model location: the data's tokenizer or `pretrained`")
+        self.location, self.pooling, self.num_layers = str(location), pooling, num_layers
+        self.transformer = _load_transformer(self.location, inputs.pretrained_weights)
+        hidden = int(self.transformer.config.hidden_size)
+        available = int(getattr(self.transformer.config, "num_hidden_layers", num_layers))
+        if pooling == "cls_concat" and num_layers > available + 1:
+            raise ValueError(f"num_layers={num_layers} exceeds the {available} layers (+ embeddings) of {location}")
+        self.output_dim = hidden * (num_layers if pooling == "cls_concat" else 1)
+        self.dropout = nn.Dropout(dropout)
+        self.frozen = _freeze_below(self.transformer, trainable_layers)
+        if gradient_checkpointing:
+            self.transformer.gradient_checkpointing_enable()
+        if compile:
+            self.transformer.compile(**(compile_options or {}))
+
+    def train(self, mode: bool = True) -> TransformerEncoder:
+        """Keep a frozen transformer in eval mode (its dropout off) while the rest trains."""
+        super().train(mode)
+        if self.frozen:
+            self.transformer.eval()
+        return self
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        want_hidden = self.pooling == "cls_concat" and self.num_layers > 1
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_hidden_states=want_hidden, return_dict=True)
+        if self.pooling == "mean":
+            pooled = masked_mean(out.last_hidden_state, attention_mask)
+        elif want_hidden:
+            pooled = torch.cat([out.hidden_states[-i][:, 0] for i in range(1, self.num_layers + 1)], dim=-1)
+        else:
+            pooled = out.last_hidden_state[:, 0]
+        return self.dropout(pooled)
+
+
+def _load_transformer(location: str, pretrained_weights: bool) -> nn.Module:
+    """``AutoModel`` without its pooling layer where the architecture has one (it is not used)."""
+    from transformers import AutoConfig, AutoModel
+
+    if not pretrained_weights:
+        config = AutoConfig.from_pretrained(location)
+        try:
+            return AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:
+            return AutoModel.from_config(config)
+    try:
+        return AutoModel.from_pretrained(location, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_pretrained(location)
+
+
+def _freeze_below(transformer: nn.Module, trainable_layers: int) -> bool:
+    """Freeze all but the top ``trainable_layers`` layers; return True when everything is frozen."""
+    if trainable_layers < 0:
+        return False
+    layers = _layer_list(transformer)
+    if trainable_layers > 0 and layers is None:
+        raise ValueError("trainable_layers > 0 needs an encoder with a `layer`/`layers` list; use -1 or 0")
+    for param in transformer.parameters():
+        param.requires_grad_(False)
+    if trainable_layers == 0:
+        return True
+    for layer in list(layers)[-trainable_layers:]:
+        for param in layer.parameters():
+            param.requires_grad_(True)
+    return False
+
+
+def _layer_list(transformer: nn.Module) -> nn.ModuleList | None:
+    for owner in (getattr(transformer, "encoder", None), transformer):
+        for name in ("layer", "layers"):
+            candidate = getattr(owner, name, None) if owner is not None else None
+            if isinstance(candidate, nn.ModuleList):
+                return candidate
+    return None
+
+
+class BagOfWordsEncoder(nn.Module):
+    """Sparse bag-of-words features -> embedding bag (weighted sum of feature embeddings) -> dense layer.
+
+    The batch holds CSR features (``feature_ids``, ``feature_values``, ``feature_offsets``); the embedding bag
+    sums the rows of the embedding table weighted by the feature values, which is a sparse x dense product that
+    never densifies the input.
+
+    Args:
+        inputs: from the data; ``inputs.num_features`` is the vocabulary size.
+        embedding_dim: width of the feature embeddings.
+        hidden_dim: output width of the dense layer (0: no dense layer, the embedding bag is the output).
+        activation: after the embedding bag and after the dense layer.
+        dropout: on the output.
+        normalize: L2-normalise each document's feature values first (documents of any length on one scale).
+    """
+
+    def __init__(self, inputs: EncoderInputs, embedding_dim: int = 512, hidden_dim: int = 512,
+                 activation: Activation = "relu", dropout: float = 0.0, normalize: bool = True) -> None:
+        super().__init__()
+        if inputs.num_features is None or inputs.num_features < 1:
+            raise ValueError("BagOfWordsEncoder needs the number of features of the data (bag-of-words data)")
+        self.num_features, self.normalize = int(inputs.num_features), normalize
+        self.embedding = nn.EmbeddingBag(self.num_features, embedding_dim, mode="sum")
+        nn.init.normal_(self.embedding.weight, std=1.0 / embedding_dim**0.5)
+        self.act1 = _activation(activation)
+        self.dense = nn.Linear(embedding_dim, hidden_dim) if hidden_dim > 0 else None
+        self.act2 = _activation(activation) if hidden_dim > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.output_dim = hidden_dim if hidden_dim > 0 else embedding_dim
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        ids = batch["feature_ids"].long()
+        values = batch["feature_values"].to(self.embedding.weight.dtype)
+        offsets = batch["feature_offsets"].long()
+        if self.normalize and values.numel():
+            rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=ids.device),
+                                           offsets[1:] - offsets[:-1], output_size=values.numel())
+            norms = torch.zeros(offsets.numel() - 1, dtype=values.dtype, device=values.device)
+            norms.index_add_(0, rows, values * values)
+            values = values / norms.sqrt().clamp(min=1e-12)[rows]
+        x = self.embedding(ids, offsets[:-1], per_sample_weights=values)
+        x = self.act1(x)
+        if self.dense is not None:
+            x = self.act2(self.dense(x))
+        return self.dropout(x)
+
+
+def _activation(name: str) -> nn.Module:
+    return activation(name)

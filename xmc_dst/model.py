@@ -1,0 +1,427 @@
+"""The LightningModule: encoder -> dropout -> optional intermediate layer -> fixed fan-in (or dense) label head.
+
+Pieces and where they come from:
+
+* the encoder is built from a factory (see :mod:`xmc_dst.encoders`) with what the data provides (tokenizer or number
+  of features), so a config names the encoder once and the DataModule's tokenizer reaches it by an argument link;
+* the head is :class:`xmc_dst.sparse.FixedFanInLinear` (``head: sparse``) or ``nn.Linear`` (``head: dense``), the
+  same interface; dynamic sparse training rewires ``self.head`` from a callback;
+* an optional auxiliary head (a meta-classifier over label clusters) adds ``alpha * aux`` to ``(1 - alpha) * main``;
+  a callback sets :attr:`XMCModule.aux_alpha` and finally calls :meth:`XMCModule.remove_aux_head`;
+* losses come from :mod:`xmc_dst.losses` (sparse positives, no dense targets), optimisation from
+  :mod:`xmc_dst.optim` (one optimizer, a parameter group per part, each with its own algorithm and schedule);
+* validation/test log ``val/P@k``, ``val/nDCG@k``, ``val/PSP@k``, ``val/PSnDCG@k`` (and ``test/...``);
+* checkpoints carry the hyperparameters, the label names and the tokenizer location, which is all
+  :mod:`xmc_dst.inference` needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation
+from xmc_dst.losses import LossName, Reduction, bce_with_logits, rows_of, xmc_loss
+from xmc_dst.metrics import XMCMetrics, inverse_propensity, mask_reciprocal_logits
+from xmc_dst.optim import Algorithm, GroupwiseOptimizer, Schedule, schedule_lambda, split_no_decay
+from xmc_dst.sparse import FixedFanInLinear
+
+log = logging.getLogger(__name__)
+
+__all__ = ["XMCModule", "load_label_clusters", "top_k"]
+
+CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Best ``k`` (scores, label ids) per row; with fewer than ``k`` labels the rest is padded (-inf, -1)."""
+    kk = min(k, logits.shape[1])
+    scores, ids = torch.topk(logits, kk, dim=1)
+    if kk < k:
+        pad = k - kk
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], dim=1)
+    return scores, ids
+
+
+def load_label_clusters(path: str | Path, num_labels: int) -> Tensor:
+    """Label -> cluster ids from a ``.npy`` file: an int array [num_labels] (the assignment), or an object array of
+    label-id arrays, one per cluster (the authors' ``label_group*.npy``)."""
+    array = np.load(path, allow_pickle=True)
+    if array.dtype == object:
+        assignment = np.full(num_labels, -1, dtype=np.int64)
+        for cluster, labels in enumerate(array):
+            assignment[np.asarray(labels, dtype=np.int64)] = cluster
+    else:
+        assignment = np.asarray(array, dtype=np.int64).reshape(-1)
+    if assignment.shape[0] != num_labels or (assignment < 0).any():
+        raise ValueError(f"{path}: expected a cluster for each of the {num_labels} labels")
+    return torch.from_numpy(assignment)
+
+
+def _factory_spec(factory: Any) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` of a class or ``functools.partial`` of a class with keyword arguments only."""
+    func, kwargs = factory, {}
+    if isinstance(factory, functools.partial):
+        if factory.args:
+            return None
+        func, kwargs = factory.func, dict(factory.keywords)
+    if not isinstance(func, type):
+        return None
+    return {"class_path": f"{func.__module__}.{func.__qualname__}", "init_args": kwargs}
+
+
+def _resolve_factory(factory: Any) -> EncoderFactory:
+    """The encoder factory, also from a ``{"class_path", "init_args"}`` dict."""
+    if isinstance(factory, Mapping):
+        module, _, name = str(factory["class_path"]).rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return functools.partial(cls, **dict(factory.get("init_args", {})))
+    if not callable(factory):
+        raise TypeError(f"encoder must be an encoder class, a functools.partial of one or a class_path dict; "
+                        f"got {type(factory).__name__}")
+    return factory
+
+
+class XMCModule(L.LightningModule):
+    """Extreme multi-label classifier: a document encoder and a fixed fan-in sparse (or dense) label head.
+
+    Args:
+        encoder: encoder factory: an encoder class of :mod:`xmc_dst.encoders` (or a ``functools.partial`` of one,
+            or a ``{"class_path", "init_args"}`` dict); in yaml a ``class_path`` and its ``init_args``. It is called
+            with :class:`~xmc_dst.encoders.EncoderInputs` built from ``tokenizer``/``num_features``.
+        num_labels: size of the label space (linked from the DataModule).
+        tokenizer: tokenizer directory or hub name of text data (linked from the DataModule); the encoder weights
+            are read from there unless the encoder names ``pretrained``.
+        num_features: number of bag-of-words features (linked from a BoW DataModule).
+        pretrained_weights: load the encoder's pretrained weights (False when a checkpoint provides all weights).
+        head: ``sparse`` (fixed fan-in) or ``dense`` (``nn.Linear``, the baseline).
+        fan_in: inputs per label of the sparse head.
+        head_impl: implementation of the sparse head (``auto``, ``kernel``, ``csr``, ``embedding_bag``).
+        intermediate_dim: width of a dense layer between the encoder and the head (0: none).
+        intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
+            it in training).
+        aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
+        aux_cluster_file: ``.npy`` label -> cluster assignment (see :func:`load_label_clusters`); without it,
+            labels are assigned to ``aux_clusters`` contiguous blocks of label ids until a callback calls
+            :meth:`set_label_clusters`.
+        loss: ``squared_hinge`` (the paper's) or ``bce``.
+        loss_reduction: ``auto`` (the authors' normalisation for the loss), ``sum``, ``mean``, ``batch_mean``.
+        encoder_optimizer: ``adamw`` or ``sgd`` for the encoder, the intermediate layer and the auxiliary head.
+        encoder_lr, encoder_weight_decay: encoder learning rate and weight decay (none on biases and norms).
+        intermediate_lr: learning rate of the intermediate layer (default: ``head_lr``).
+        aux_lr: learning rate of the auxiliary head.
+        head_optimizer: ``adamw`` or ``sgd`` (with ``momentum``) for the label head.
+        head_lr, head_weight_decay: head learning rate and weight decay.
+        momentum: momentum of SGD groups.
+        warmup_steps, lr_schedule: linear warmup (optimizer steps) and then ``cosine``/``linear`` decay to 0 at the
+            end of training or ``constant``, for the encoder side.
+        head_warmup_steps, head_lr_schedule: the same for the head (default: as the encoder side).
+        ks: the k of the P@k/nDCG@k/PSP@k/PSnDCG@k metrics.
+        predict_k: labels returned per document by ``predict_step``.
+        seed: seed of the sparse head's initial topology and weights (None: the global RNG).
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderFactory,
+        num_labels: int,
+        tokenizer: str | None = None,
+        num_features: int | None = None,
+        pretrained_weights: bool = True,
+        head: Literal["sparse", "dense"] = "sparse",
+        fan_in: int = 64,
+        head_impl: Literal["auto", "kernel", "csr", "embedding_bag"] = "auto",
+        intermediate_dim: int = 0,
+        intermediate_activation: Activation = "identity",
+        aux_clusters: int = 0,
+        aux_cluster_file: str | None = None,
+        loss: LossName = "squared_hinge",
+        loss_reduction: Reduction = "auto",
+        encoder_optimizer: Algorithm = "adamw",
+        encoder_lr: float = 1e-5,
+        encoder_weight_decay: float = 0.01,
+        intermediate_lr: float | None = None,
+        aux_lr: float = 5e-4,
+        head_optimizer: Algorithm = "adamw",
+        head_lr: float = 1e-2,
+        head_weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_steps: int = 1000,
+        lr_schedule: Schedule = "cosine",
+        head_warmup_steps: int | None = None,
+        head_lr_schedule: Schedule | None = None,
+        ks: Sequence[int] = (1, 3, 5),
+        predict_k: int = 5,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be positive, got {num_labels}")
+        if head not in ("sparse", "dense"):
+            raise ValueError(f"head must be 'sparse' or 'dense', got {head!r}")
+        if loss not in ("bce", "squared_hinge"):
+            raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
+        self.save_hyperparameters()
+        self._make_hparams_portable(encoder)
+
+        inputs = EncoderInputs(tokenizer=tokenizer, num_features=num_features, pretrained_weights=pretrained_weights)
+        self.encoder = _resolve_factory(encoder)(inputs)
+        features = int(self.encoder.output_dim)
+        if intermediate_dim > 0:
+            self.intermediate = nn.Sequential(nn.Linear(features, intermediate_dim),
+                                              activation(intermediate_activation))
+            features = intermediate_dim
+        else:
+            self.intermediate = None
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if head == "sparse":
+            self.head = FixedFanInLinear(features, num_labels, min(fan_in, features), impl=head_impl,
+                                         generator=generator)
+        else:
+            self.head = nn.Linear(features, num_labels)
+            with torch.no_grad():  # the authors' dense baseline: N(0, 0.02) weights
+                self.head.weight.normal_(0.0, 0.02, generator=generator)
+                self.head.bias.zero_()
+
+        self.aux_alpha: float = 0.0
+        if aux_clusters > 0 or aux_cluster_file:
+            if aux_cluster_file:
+                clusters = load_label_clusters(aux_cluster_file, num_labels)
+            else:
+                clusters = torch.arange(num_labels) * aux_clusters // num_labels
+            self.register_buffer("label_clusters", clusters.long())
+            self.aux_head: nn.Linear | None = nn.Linear(int(self.encoder.output_dim), int(clusters.max()) + 1)
+        else:
+            self.register_buffer("label_clusters", None)
+            self.aux_head = None
+        self._has_aux_group = self.aux_head is not None
+
+        self.label_names: list[str] | None = None
+        self.data_info: dict[str, Any] = {}
+        self.val_metrics: XMCMetrics | None = None
+        self.test_metrics: XMCMetrics | None = None
+        self._filter_pairs: Tensor | None = None
+        self._filter_on_val = False
+
+    def _make_hparams_portable(self, encoder: Any) -> None:
+        """Outside the CLI, store the encoder factory as a class_path dict so that checkpoints hold only plain data
+        (``torch.load(weights_only=True)``) and reload through the same instantiator as CLI checkpoints."""
+        if isinstance(self.hparams.get("encoder"), Mapping):
+            return
+        spec = _factory_spec(encoder)
+        if spec is None:
+            log.warning("the encoder factory is not a class or a keyword-only partial of one; checkpoints will "
+                        "pickle it (load them with weights_only=False)")
+            return
+        self.hparams["encoder"] = spec
+        self.hparams["ks"] = [int(k) for k in self.hparams["ks"]]
+        self.hparams["_instantiator"] = CLI_INSTANTIATOR
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Encoder output (after its dropout), the input of the auxiliary head and the intermediate layer."""
+        return self.encoder(batch)
+
+    def logits_from_features(self, features: Tensor) -> Tensor:
+        """Label scores [batch, num_labels] (fp32 with the sparse head, also under autocast)."""
+        if self.intermediate is not None:
+            features = self.intermediate(features)
+        return self.head(features)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Label scores [batch, num_labels] of a batch dict (text: ``input_ids``, ``attention_mask``; BoW:
+        ``feature_ids``, ``feature_values``, ``feature_offsets``)."""
+        return self.logits_from_features(self.features(batch))
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """Scores reported by predictions: sigmoid probabilities for ``bce``, raw margins for ``squared_hinge``."""
+        return torch.sigmoid(logits.float()) if self.hparams.loss == "bce" else logits.float()
+
+    # ------------------------------------------------------------------------------------------ auxiliary head
+
+    def cluster_positives(self, label_ids: Tensor, label_offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """CSR positives of the meta-labels: the distinct clusters of each document's labels."""
+        num_clusters = self.aux_head.out_features
+        rows = rows_of(label_offsets, label_ids.numel())
+        keys = torch.unique(rows * num_clusters + self.label_clusters[label_ids.long()])
+        counts = torch.bincount(keys // num_clusters, minlength=label_offsets.numel() - 1)
+        offsets = torch.zeros_like(label_offsets)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return keys % num_clusters, offsets
+
+    def aux_loss(self, features: Tensor, label_ids: Tensor, label_offsets: Tensor) -> Tensor:
+        """Mean binary cross-entropy of the meta-classifier (``BCEWithLogitsLoss()`` as the authors)."""
+        cluster_ids, cluster_offsets = self.cluster_positives(label_ids, label_offsets)
+        return bce_with_logits(self.aux_head(features).float(), cluster_ids, cluster_offsets, "mean")
+
+    @torch.no_grad()
+    def set_label_clusters(self, clusters: Tensor) -> None:
+        """Replace the label -> cluster assignment (and re-initialise the auxiliary head if the count changes)."""
+        if self.aux_head is None:
+            raise RuntimeError("this module has no auxiliary head (aux_clusters=0)")
+        clusters = clusters.to(self.label_clusters.device, torch.long)
+        if clusters.shape != self.label_clusters.shape or clusters.min() < 0:
+            raise ValueError(f"expected {self.label_clusters.numel()} non-negative cluster ids")
+        if int(clusters.max()) + 1 != self.aux_head.out_features:
+            if self._trainer is not None and self.trainer.optimizers:
+                raise RuntimeError("the number of clusters cannot change once the optimizer holds the head")
+            old = self.aux_head
+            self.aux_head = nn.Linear(old.in_features, int(clusters.max()) + 1).to(old.weight.device)
+        self.label_clusters = clusters
+
+    def remove_aux_head(self) -> None:
+        """Drop the auxiliary head for good: its parameters leave the optimizers (state included) and are freed.
+
+        The optimizer keeps an empty ``aux`` group, so that optimizer checkpoints keep their layout; a checkpoint
+        saved afterwards has no ``aux_head`` weights, and loading it removes the head first (``on_load_checkpoint``).
+        """
+        if self.aux_head is None:
+            return
+        params = {id(p) for p in self.aux_head.parameters()}
+        if self._trainer is not None:
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    kept = [p for p in group["params"] if id(p) not in params]
+                    for p in group["params"]:
+                        if id(p) in params:
+                            optimizer.state.pop(p, None)
+                    group["params"] = kept
+        self.aux_head = None
+        self.aux_alpha = 0.0
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        features = self.features(batch)
+        logits = self.logits_from_features(features)
+        label_ids, label_offsets = batch["label_ids"], batch["label_offsets"]
+        loss = xmc_loss(self.hparams.loss, logits, label_ids, label_offsets, self.hparams.loss_reduction)
+        size = logits.shape[0]
+        if self.aux_head is not None and self.aux_alpha > 0:
+            aux = self.aux_loss(features, label_ids, label_offsets)
+            self.log("train/main_loss", loss.detach(), batch_size=size)
+            self.log("train/aux_loss", aux.detach(), batch_size=size)
+            loss = (1.0 - self.aux_alpha) * loss + self.aux_alpha * aux
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """One :class:`~xmc_dst.optim.GroupwiseOptimizer` with a group per part and one ``LambdaLR`` with a lambda
+        per group, stepped every optimizer step (see :mod:`xmc_dst.optim` for why not two optimizers)."""
+        hp = self.hparams
+        side = dict(algorithm=hp.encoder_optimizer, momentum=hp.momentum)
+        decay, no_decay = split_no_decay(self.encoder.named_parameters())
+        groups = [
+            dict(name="encoder", params=decay, lr=hp.encoder_lr, weight_decay=hp.encoder_weight_decay, **side),
+            dict(name="encoder_no_decay", params=no_decay, lr=hp.encoder_lr, weight_decay=0.0, **side),
+        ]
+        if self.intermediate is not None:
+            groups.append(dict(name="intermediate", params=list(self.intermediate.parameters()),
+                               lr=hp.intermediate_lr if hp.intermediate_lr is not None else hp.head_lr,
+                               weight_decay=hp.encoder_weight_decay, **side))
+        if self._has_aux_group:
+            params = list(self.aux_head.parameters()) if self.aux_head is not None else []
+            groups.append(dict(name="aux", params=params, lr=hp.aux_lr, weight_decay=hp.encoder_weight_decay,
+                               **side))
+        groups.append(dict(name="head", params=list(self.head.parameters()), lr=hp.head_lr,
+                           weight_decay=hp.head_weight_decay, algorithm=hp.head_optimizer, momentum=hp.momentum))
+        optimizer = GroupwiseOptimizer(groups)
+
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = int(total) if math.isfinite(total) else None
+        lambdas = []
+        for group in groups:
+            is_head = group["name"] == "head"
+            warmup = hp.head_warmup_steps if is_head and hp.head_warmup_steps is not None else hp.warmup_steps
+            schedule = hp.head_lr_schedule if is_head and hp.head_lr_schedule is not None else hp.lr_schedule
+            if total is None:
+                schedule = "constant"  # no known end of training to decay towards
+            lambdas.append(schedule_lambda(schedule, warmup, total or 1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def setup(self, stage: str) -> None:
+        """Take the label names, propensities and reciprocal-pair filter from the DataModule, build the metrics."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        inv_propensity = None
+        if datamodule is not None:
+            names = getattr(datamodule, "label_names", None)
+            if names is not None:
+                if len(names) != self.hparams.num_labels:
+                    raise ValueError(f"the data has {len(names)} labels, the model {self.hparams.num_labels}")
+                self.label_names = list(names)
+            if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
+                inv_propensity = inverse_propensity(
+                    datamodule.train_label_counts, datamodule.num_train_docs,
+                    getattr(datamodule, "propensity_a", 0.55), getattr(datamodule, "propensity_b", 1.5))
+            pairs = getattr(datamodule, "filter_pairs", None)
+            if pairs is not None and len(pairs):
+                self._filter_pairs = torch.as_tensor(pairs, dtype=torch.long)
+                self._filter_on_val = getattr(datamodule, "val_fraction", 0.0) == 0
+            self.data_info = {
+                "datamodule": type(datamodule).__name__,
+                "tokenizer": getattr(datamodule, "tokenizer_name", self.hparams.tokenizer),
+                "max_length": getattr(datamodule, "max_length", None),
+            }
+        if stage in ("fit", "validate", "test"):
+            ks = list(self.hparams.ks)
+            self.val_metrics = XMCMetrics(ks, inv_propensity)
+            self.test_metrics = XMCMetrics(ks, inv_propensity)
+
+    def _evaluate(self, batch: Mapping[str, Tensor], metrics: XMCMetrics, filtered: bool) -> None:
+        logits = self(batch)
+        if filtered and self._filter_pairs is not None:
+            logits = mask_reciprocal_logits(logits, batch["doc_index"], self._filter_pairs)
+        _, ids = top_k(logits, max(metrics.ks))
+        metrics.update(ids, batch["label_ids"], batch["label_offsets"])
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, self._filter_on_val)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, True)
+
+    def _log_metrics(self, metrics: XMCMetrics, prefix: str) -> dict[str, float]:
+        values = {f"{prefix}/{name}": float(value) for name, value in metrics.compute().items()}
+        self.log_dict(values, sync_dist=False)  # already reduced across processes by the metric
+        metrics.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test_metrics = self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Top ``predict_k`` labels per document: ``{"doc_index", "scores", "label_ids"}`` (padding id -1)."""
+        scores, ids = top_k(self(batch), self.hparams.predict_k)
+        return {"doc_index": batch["doc_index"], "scores": self.scores(scores), "label_ids": ids}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what inference needs besides the weights: label names, tokenizer and data settings."""
+        checkpoint["label_names"] = self.label_names
+        checkpoint["data_info"] = dict(self.data_info)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.label_names = checkpoint.get("label_names")
+        self.data_info = dict(checkpoint.get("data_info") or {})
+        state = checkpoint.get("state_dict", {})
+        if self.aux_head is not None and not any(key.startswith("aux_head.") for key in state):
+            self.remove_aux_head()  # saved after the auxiliary objective ended
