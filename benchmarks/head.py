@@ -116,9 +116,10 @@ def run_isolated(**kwargs) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table; "peak MB" is the peak CUDA allocation on a GPU, else the peak RSS."""
     dense = {r["out_features"]: r for r in rows if r["impl"] == "dense" and "error" not in r}
     lines = ["| impl | labels | fan-in | fwd+bwd ms | vs dense | rewire 30% ms | static train MB | vs dense | "
-             "peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['out_features']:,} | {r['fan_in']} | error: {r['error']} ||||||")
@@ -129,7 +130,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['impl']} | {r['out_features']:,} | {r['fan_in'] or '-'} | {r['fwd_bwd_ms']:.1f} | {speed} | "
             f"{r['rewire_ms'] if r['rewire_ms'] is not None else '-'} | {r['static_train_bytes'] / 1e6:,.0f} | "
-            f"{mem} | {r['peak_rss_bytes'] / 1e6:,.0f} |")
+            f"{mem} | {(r['peak_cuda_bytes'] or r['peak_rss_bytes']) / 1e6:,.0f} |")
     return "\n".join(lines)
 
 
