@@ -70,6 +70,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd.restype = None
     lib.ffi_regrow.argtypes = [p, p, i64, i64, i64, ctypes.c_uint64, c_int, p, p, c_int]
     lib.ffi_regrow.restype = c_int
+    lib.ffi_prune_f32.argtypes = [p, i64, i64, c_int, ctypes.c_float, i64, p, c_int]
+    lib.ffi_prune_f32.restype = None
 
 
 @lru_cache(maxsize=1)

@@ -344,16 +344,17 @@ class FixedFanInLinear(nn.Module):
         always changes the topology where it prunes. A row can regrow at most ``in_features - fan_in`` connections;
         beyond that its weakest are kept. Rows stay sorted and unique; the fan-in never changes.
         """
+        if init not in ("zero", "uniform"):
+            raise ValueError(f"init must be 'zero' or 'uniform', got {init!r}")
         prune = prune_mask(self.weight, mode, amount, max_per_row=self.in_features - self.fan_in)
         sorted_idx, permutation = regrow(self.indices, prune, self.in_features, generator)
-        if init == "zero":
-            fresh = torch.zeros_like(self.weight)
-        elif init == "uniform":
-            fresh = _uniform(self.weight.shape, 1.0 / math.sqrt(self.fan_in), generator, self.weight)
-        else:
-            raise ValueError(f"init must be 'zero' or 'uniform', got {init!r}")
-        new_weight = torch.where(prune, fresh, self.weight).gather(1, permutation)
         regrown = prune.gather(1, permutation)
+        new_weight = self.weight.gather(1, permutation)
+        if init == "zero":
+            new_weight.masked_fill_(regrown, 0.0)
+        else:
+            fresh = _uniform(self.weight.shape, 1.0 / math.sqrt(self.fan_in), generator, self.weight)
+            new_weight = torch.where(regrown, fresh, new_weight)
         self.weight.copy_(new_weight)
         self.indices.copy_(sorted_idx)
         self.topology_version += 1
@@ -377,31 +378,46 @@ def random_indices(num_rows: int, in_features: int, fan_in: int, generator: torc
     everything = torch.ones(num_rows, fan_in, dtype=torch.bool, device=device)
     # Regrowing every slot of rows that exclude nothing is exactly uniform sampling without replacement.
     indices, _ = regrow(start, everything, in_features, generator, exclude_old=False)
-    return indices.to(INDEX_DTYPE)
+    return indices
 
 
-def prune_mask(weight: Tensor, mode: str, amount: float, max_per_row: int | None = None) -> Tensor:
-    """Boolean ``[rows, fan_in]`` mask of the connections to prune, by magnitude per row."""
-    magnitude = weight.detach().abs()
+def prune_mask(weight: Tensor, mode: str, amount: float, max_per_row: int | None = None,
+               use_kernel: bool | None = None) -> Tensor:
+    """Boolean ``[rows, fan_in]`` mask of the connections to prune, by magnitude per row (ties: lower slot first).
+
+    ``fraction`` marks the ``round(amount * fan_in)`` weakest of each row, ``threshold`` every ``|w| < amount``;
+    at most ``max_per_row`` per row either way (the weakest). fp32 CPU weights take the C kernel.
+    """
     fan_in = weight.shape[1]
     cap = fan_in if max_per_row is None else max(0, min(fan_in, max_per_row))
+    if mode not in ("threshold", "fraction"):
+        raise ValueError(f"mode must be 'threshold' or 'fraction', got {mode!r}")
+    if mode == "threshold" and amount < 0:
+        raise ValueError(f"threshold must be >= 0, got {amount}")
+    if mode == "fraction" and not 0.0 <= amount <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {amount}")
+    lib = None
+    if use_kernel is not False and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        lib = load_kernels()
+    if lib is not None:
+        count = cap if mode == "threshold" else min(cap, int(round(amount * fan_in)))
+        w = weight.detach().contiguous()
+        out = torch.empty(w.shape, dtype=torch.uint8)
+        lib.ffi_prune_f32(w.data_ptr(), w.shape[0], fan_in, 0 if mode == "fraction" else 1, float(amount), count,
+                          out.data_ptr(), _num_threads())
+        return out.bool()
+    magnitude = weight.detach().abs()
     if mode == "threshold":
-        if amount < 0:
-            raise ValueError(f"threshold must be >= 0, got {amount}")
         mask = magnitude < amount
         if cap < fan_in:  # rows that cannot regrow all of them keep their strongest below-threshold weights
             weakest = magnitude.topk(cap, dim=1, largest=False).indices
             mask &= torch.zeros_like(mask).scatter_(1, weakest, True)
         return mask
-    if mode == "fraction":
-        if not 0.0 <= amount <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {amount}")
-        count = min(cap, int(round(amount * fan_in)))
-        mask = torch.zeros_like(magnitude, dtype=torch.bool)
-        if count > 0:
-            mask.scatter_(1, magnitude.topk(count, dim=1, largest=False).indices, True)
-        return mask
-    raise ValueError(f"mode must be 'threshold' or 'fraction', got {mode!r}")
+    count = min(cap, int(round(amount * fan_in)))
+    mask = torch.zeros_like(magnitude, dtype=torch.bool)
+    if count > 0:
+        mask.scatter_(1, magnitude.topk(count, dim=1, largest=False).indices, True)
+    return mask
 
 
 def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.Generator | None = None,
@@ -409,7 +425,7 @@ def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.G
     """Replace the ``pruned`` slots of ``indices`` ``[rows, k]`` by inputs drawn uniformly without replacement among
     the inputs the row does not keep (with ``exclude_old``, not the pruned ones either), then sort every row.
 
-    Returns ``(sorted_indices, permutation)`` (int64): new slot ``j`` of row ``r`` holds what slot
+    Returns ``(sorted_indices, permutation)`` (int32, int64): new slot ``j`` of row ``r`` holds what slot
     ``permutation[r, j]`` of the merged row held. On CPU the C kernel does this in one pass over the rows (each row
     with its own random stream seeded from ``generator``); elsewhere, or with ``use_kernel=False``, a vectorised
     PyTorch path does. Both are deterministic for a given generator state, but they draw different inputs.
@@ -423,14 +439,14 @@ def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.G
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
     rows, k = indices.shape
     idx32 = indices.to(torch.int32).contiguous()
-    mask = pruned.to(torch.uint8).contiguous()
-    out_idx = torch.empty(rows, k, dtype=torch.int32)
+    mask = pruned.contiguous().view(torch.uint8)  # bool and uint8 share one byte per element
+    out_idx = torch.empty(rows, k, dtype=INDEX_DTYPE)
     permutation = torch.empty(rows, k, dtype=torch.int64)
     status = lib.ffi_regrow(idx32.data_ptr(), mask.data_ptr(), rows, k, in_features, seed, int(exclude_old),
                             out_idx.data_ptr(), permutation.data_ptr(), _num_threads())
     if status != 0:
         raise ValueError(f"cannot regrow: a row has fewer than the requested free inputs among {in_features}")
-    return out_idx.long(), permutation
+    return out_idx, permutation
 
 
 def _regrow_torch(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.Generator | None,
@@ -462,7 +478,7 @@ def _regrow_torch(indices: Tensor, pruned: Tensor, in_features: int, generator: 
             merged[need[free] * k + j] = draw[free]
             need = need[~free]
     sorted_indices, permutation = merged.view(rows, k).sort(dim=1)
-    return sorted_indices, permutation
+    return sorted_indices.to(INDEX_DTYPE), permutation
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, result: RewireResult) -> int:

@@ -17,48 +17,92 @@
 #define LABEL_TILE 16
 #define BATCH_TILE 64
 
-/* acc[0:n] = init + sum_j w[j] * xt[idx[j], b0:b0+n]. With n == BATCH_TILE the trip count is a constant, so the
- * accumulator lives in vector registers across the connections instead of going through memory. */
+/* The full batch tile is handled with GCC/Clang vector types of 64 bytes (4 x 16 floats or 8 x 8 doubles for a tile
+ * of 64), so the accumulators are plain values the compiler keeps in registers (zmm with AVX-512, pairs of ymm with
+ * AVX2); a partial tile at the end of the batch takes the scalar loops. Vectors are loaded from unaligned memory. */
+#define VEC_BYTES 64
+typedef float vf32 __attribute__((vector_size(VEC_BYTES), aligned(4), may_alias));
+typedef double vf64 __attribute__((vector_size(VEC_BYTES), aligned(8), may_alias));
+
+/* Horizontal sums as a shuffle tree (a lane-by-lane loop costs more than the dot product it finishes). */
+typedef float vf32x8 __attribute__((vector_size(32)));
+typedef float vf32x4 __attribute__((vector_size(16)));
+typedef double vf64x4 __attribute__((vector_size(32)));
+typedef double vf64x2 __attribute__((vector_size(16)));
+
+static inline float hsum_f32(vf32 v) {
+    vf32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vf32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline double hsum_f64(vf64 v) {
+    vf64x4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    vf64x2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+    return b[0] + b[1];
+}
+
 #define DEFINE_ROW_KERNELS(T, SUFFIX)                                                                                 \
+enum { LANES_##SUFFIX = VEC_BYTES / sizeof(T), NVEC_##SUFFIX = BATCH_TILE / (VEC_BYTES / sizeof(T)) };              \
+                                                                                                                      \
+/* acc[0:n] += sum_j w[j] * xt[idx[j], b0:b0+n] */                                                                    \
 static inline void row_axpy_##SUFFIX(T *restrict acc, const T *restrict xt, const T *restrict w,                     \
                                      const int32_t *restrict idx, int64_t K, int64_t B, int64_t b0, int64_t n) {     \
     if (n == BATCH_TILE) {                                                                                            \
-        T a[BATCH_TILE];                                                                                              \
-        for (int64_t bb = 0; bb < BATCH_TILE; ++bb) a[bb] = acc[bb];                                                  \
+        v##SUFFIX a[NVEC_##SUFFIX];                                                                                   \
+        for (int v = 0; v < NVEC_##SUFFIX; ++v) a[v] = *(const v##SUFFIX *)(acc + v * LANES_##SUFFIX);                \
         for (int64_t j = 0; j < K; ++j) {                                                                             \
             const T wv = w[j];                                                                                        \
             const T *restrict xr = xt + (int64_t)idx[j] * B + b0;                                                     \
-            _Pragma("omp simd")                                                                                      \
-            for (int64_t bb = 0; bb < BATCH_TILE; ++bb) a[bb] += wv * xr[bb];                                         \
+            for (int v = 0; v < NVEC_##SUFFIX; ++v) a[v] += wv * *(const v##SUFFIX *)(xr + v * LANES_##SUFFIX);       \
         }                                                                                                             \
-        for (int64_t bb = 0; bb < BATCH_TILE; ++bb) acc[bb] = a[bb];                                                  \
-    } else {                                                                                                          \
-        for (int64_t j = 0; j < K; ++j) {                                                                             \
-            const T wv = w[j];                                                                                        \
-            const T *restrict xr = xt + (int64_t)idx[j] * B + b0;                                                     \
-            _Pragma("omp simd")                                                                                      \
-            for (int64_t bb = 0; bb < n; ++bb) acc[bb] += wv * xr[bb];                                                \
-        }                                                                                                             \
+        for (int v = 0; v < NVEC_##SUFFIX; ++v) *(v##SUFFIX *)(acc + v * LANES_##SUFFIX) = a[v];                      \
+        return;                                                                                                       \
+    }                                                                                                                 \
+    for (int64_t j = 0; j < K; ++j) {                                                                                 \
+        const T wv = w[j];                                                                                            \
+        const T *restrict xr = xt + (int64_t)idx[j] * B + b0;                                                         \
+        for (int64_t bb = 0; bb < n; ++bb) acc[bb] += wv * xr[bb];                                                    \
     }                                                                                                                 \
 }                                                                                                                     \
                                                                                                                       \
-/* gw[j] (+)= sum_b g[b] * xt[idx[j], b0 + b] and acc[idx[j], b0 + b] += w[j] * g[b], for one label. */              \
+/* For one label with output gradient g[0:n]: gw[j] (+)= <g, xt[idx[j], b0:b0+n]> and                               \
+ * acc[idx[j], b0:b0+n] += w[j] * g. */                                                                              \
 static inline void row_backward_##SUFFIX(const T *restrict g, const T *restrict xt, const T *restrict w,             \
                                          const int32_t *restrict idx, T *restrict gw, T *restrict acc, int64_t K,    \
                                          int64_t B, int64_t b0, int64_t n) {                                          \
+    if (n == BATCH_TILE) {                                                                                            \
+        v##SUFFIX gv[NVEC_##SUFFIX];                                                                                  \
+        for (int v = 0; v < NVEC_##SUFFIX; ++v) gv[v] = *(const v##SUFFIX *)(g + v * LANES_##SUFFIX);                 \
+        for (int64_t j = 0; j < K; ++j) {                                                                             \
+            const int64_t i = idx[j];                                                                                 \
+            if (gw) {                                                                                                 \
+                const T *restrict xr = xt + i * B + b0;                                                               \
+                v##SUFFIX s = gv[0] * *(const v##SUFFIX *)xr;                                                         \
+                for (int v = 1; v < NVEC_##SUFFIX; ++v) s += gv[v] * *(const v##SUFFIX *)(xr + v * LANES_##SUFFIX);  \
+                gw[j] = b0 == 0 ? hsum_##SUFFIX(s) : gw[j] + hsum_##SUFFIX(s);                                        \
+            }                                                                                                         \
+            if (acc) {                                                                                                \
+                const T wv = w[j];                                                                                    \
+                T *restrict r = acc + i * B + b0;                                                                     \
+                for (int v = 0; v < NVEC_##SUFFIX; ++v)                                                               \
+                    *(v##SUFFIX *)(r + v * LANES_##SUFFIX) += wv * gv[v];                                             \
+            }                                                                                                         \
+        }                                                                                                             \
+        return;                                                                                                       \
+    }                                                                                                                 \
     for (int64_t j = 0; j < K; ++j) {                                                                                 \
         const int64_t i = idx[j];                                                                                     \
         if (gw) {                                                                                                     \
             const T *restrict xr = xt + i * B + b0;                                                                   \
             T s = 0;                                                                                                  \
-            _Pragma("omp simd reduction(+:s)")                                                                       \
             for (int64_t bb = 0; bb < n; ++bb) s += g[bb] * xr[bb];                                                   \
             gw[j] = b0 == 0 ? s : gw[j] + s;                                                                          \
         }                                                                                                             \
         if (acc) {                                                                                                    \
             const T wv = w[j];                                                                                        \
             T *restrict r = acc + i * B + b0;                                                                         \
-            _Pragma("omp simd")                                                                                      \
             for (int64_t bb = 0; bb < n; ++bb) r[bb] += wv * g[bb];                                                   \
         }                                                                                                             \
     }                                                                                                                 \
@@ -162,7 +206,8 @@ static inline uint64_t uniform_below(uint64_t *state, uint64_t n) {
  * For every row: replace the pruned slots by inputs drawn uniformly without replacement among the inputs the row does
  * not use (with exclude_old, not the pruned ones either), then sort the row. out_perm[l, j] is the slot of the
  * merged row that new slot j came from. Row l draws from its own stream seeded by (seed, l), so the result does not
- * depend on the number of threads. Returns 0, or -1 if a row cannot be filled (too few free inputs).
+ * depend on the number of threads. The sorted row is read straight off the occupancy bitmap (set bits in order), so
+ * no sort is needed. Returns 0, or -1 if a row cannot be filled (too few free inputs) or memory ran out.
  */
 int ffi_regrow(const int32_t *idx, const uint8_t *pruned, int64_t L, int64_t K, int64_t D, uint64_t seed,
                int exclude_old, int32_t *out_idx, int64_t *out_perm, int nthreads) {
@@ -170,24 +215,28 @@ int ffi_regrow(const int32_t *idx, const uint8_t *pruned, int64_t L, int64_t K, 
     int failed = 0;
     _Pragma("omp parallel num_threads(nthreads)")
     {
-        uint64_t *bits = (uint64_t *)malloc((size_t)words * sizeof(uint64_t));
-        int64_t *key = (int64_t *)malloc((size_t)K * sizeof(int64_t));
-        if (!bits || !key) {
+        uint64_t *taken = (uint64_t *)malloc((size_t)words * sizeof(uint64_t));
+        uint64_t *final = (uint64_t *)malloc((size_t)words * sizeof(uint64_t));
+        int32_t *slot_of = (int32_t *)malloc((size_t)D * sizeof(int32_t));
+        int ok = taken && final && slot_of;
+        if (!ok) {
             _Pragma("omp atomic write")
             failed = 1;
         }
         _Pragma("omp for schedule(static)")
         for (int64_t l = 0; l < L; ++l) {
-            if (!bits || !key) continue;
+            if (!ok) continue;
             const int32_t *row = idx + l * K;
             const uint8_t *mask = pruned + l * K;
-            memset(bits, 0, (size_t)words * sizeof(uint64_t));
-            int64_t n_taken = 0;
+            memset(taken, 0, (size_t)words * sizeof(uint64_t));
+            memset(final, 0, (size_t)words * sizeof(uint64_t));
+            int64_t n_taken = 0, n_new = 0;
             for (int64_t j = 0; j < K; ++j) {
-                if (exclude_old || !mask[j]) { bits[row[j] >> 6] |= 1ULL << (row[j] & 63); ++n_taken; }
+                const int64_t v = row[j];
+                if (exclude_old || !mask[j]) { taken[v >> 6] |= 1ULL << (v & 63); ++n_taken; }
+                if (!mask[j]) { final[v >> 6] |= 1ULL << (v & 63); slot_of[v] = (int32_t)j; }
+                n_new += mask[j] ? 1 : 0;
             }
-            int64_t n_new = 0;
-            for (int64_t j = 0; j < K; ++j) n_new += mask[j] ? 1 : 0;
             if (D - n_taken < n_new) {
                 _Pragma("omp atomic write")
                 failed = 1;
@@ -195,26 +244,56 @@ int ffi_regrow(const int32_t *idx, const uint8_t *pruned, int64_t L, int64_t K, 
             }
             uint64_t state = seed ^ (0xD1B54A32D192ED03ULL * (uint64_t)(l + 1));
             for (int64_t j = 0; j < K; ++j) {
-                int64_t value = row[j];
-                if (mask[j]) {
-                    do { value = (int64_t)uniform_below(&state, (uint64_t)D); }
-                    while (bits[value >> 6] & (1ULL << (value & 63)));
-                    bits[value >> 6] |= 1ULL << (value & 63);
+                if (!mask[j]) continue;
+                int64_t v;
+                do { v = (int64_t)uniform_below(&state, (uint64_t)D); } while (taken[v >> 6] & (1ULL << (v & 63)));
+                taken[v >> 6] |= 1ULL << (v & 63);
+                final[v >> 6] |= 1ULL << (v & 63);
+                slot_of[v] = (int32_t)j;
+            }
+            int64_t out = l * K;
+            for (int64_t wd = 0; wd < words; ++wd) {
+                for (uint64_t bits = final[wd]; bits; bits &= bits - 1) {
+                    const int64_t v = wd * 64 + __builtin_ctzll(bits);
+                    out_idx[out] = (int32_t)v;
+                    out_perm[out] = slot_of[v];
+                    ++out;
                 }
-                key[j] = value * K + j; /* sort by value; values are unique, the slot rides along */
-            }
-            for (int64_t a = 1; a < K; ++a) { /* insertion sort: rows are short and mostly sorted */
-                int64_t v = key[a], b = a - 1;
-                while (b >= 0 && key[b] > v) { key[b + 1] = key[b]; --b; }
-                key[b + 1] = v;
-            }
-            for (int64_t j = 0; j < K; ++j) {
-                out_idx[l * K + j] = (int32_t)(key[j] / K);
-                out_perm[l * K + j] = key[j] % K;
             }
         }
-        free(bits);
-        free(key);
+        free(taken);
+        free(final);
+        free(slot_of);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- Pruning by magnitude ------------------------------------------------------------------------------------- */
+
+/*
+ * out[l, j] = 1 for the connections to prune. mode 0 (fraction): the `count` smallest |w| of each row; mode 1
+ * (threshold): |w| < threshold, at most `count` per row (the smallest). Ties go to the lower slot. Each slot's rank
+ * is counted against the whole row with branch-free compares, which vectorise; a selection algorithm would branch
+ * unpredictably on every comparison.
+ */
+void ffi_prune_f32(const float *w, int64_t L, int64_t K, int mode, float threshold, int64_t count, uint8_t *out,
+                   int nthreads) {
+    _Pragma("omp parallel num_threads(nthreads)")
+    {
+        float *mag = (float *)malloc((size_t)K * sizeof(float));
+        int32_t *rank = (int32_t *)malloc((size_t)K * sizeof(int32_t));
+        _Pragma("omp for schedule(static)")
+        for (int64_t l = 0; l < L; ++l) {
+            const float *row = w + l * K;
+            uint8_t *o = out + l * K;
+            for (int64_t j = 0; j < K; ++j) { mag[j] = __builtin_fabsf(row[j]); rank[j] = 0; }
+            for (int32_t k = 0; k < (int32_t)K; ++k) {  /* rank[j] = #{k : (mag[k], k) < (mag[j], j)} */
+                const float mk = mag[k];
+                for (int32_t j = 0; j < (int32_t)K; ++j) rank[j] += (mk < mag[j]) | ((mk == mag[j]) & (k < j));
+            }
+            for (int64_t j = 0; j < K; ++j) o[j] = (uint8_t)(rank[j] < count && (mode == 0 || mag[j] < threshold));
+        }
+        free(mag);
+        free(rank);
+    }
 }
