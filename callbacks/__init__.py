@@ -1,1 +1,13 @@
-"""Reusable Lightning callbacks: dynamic sparse training, auxiliary-objective schedule, memory profiling."""
+"""Reusable Lightning callbacks: dynamic sparse training, auxiliary-objective schedule, memory profiling.
+
+They work on any LightningModule: :class:`DynamicSparseTraining` rewires every submodule with the fixed fan-in
+rewiring protocol (``rewire``, ``reset_optimizer_state``, ``indices``), :class:`AuxiliaryObjective` drives a module
+with the small auxiliary protocol of :class:`callbacks.auxiliary.AuxiliaryModule`, :class:`MemoryProfiler` needs
+nothing. In a LightningCLI yaml: ``trainer.callbacks: [{class_path: callbacks.DynamicSparseTraining, ...}]``.
+"""
+
+from callbacks.auxiliary import AuxiliaryModule, AuxiliaryObjective
+from callbacks.dst import DynamicSparseTraining
+from callbacks.memory import MemoryProfiler
+
+__all__ = ["AuxiliaryModule", "AuxiliaryObjective", "DynamicSparseTraining", "MemoryProfiler"]

@@ -1,0 +1,215 @@
+"""Label clusters for the auxiliary meta-classifier: read from a file or built from the training data.
+
+Built clusters follow AttentionXML/LightXML: every label is embedded as the normalised sum of the TF-IDF vectors of
+its training documents, and the labels are split by balanced 2-means, recursively, into ``num_clusters`` groups of
+near-equal size. Two choices keep this practical at 670K labels on a CPU:
+
+* documents are projected to ``dim`` dimensions by a seeded Gaussian random projection before summing (cosine
+  similarities are preserved up to ``O(1/sqrt(dim))``, Johnson-Lindenstrauss), so a label is a dense ``dim``-vector
+  rather than a sparse row over the vocabulary, and a centroid costs ``dim`` floats instead of ``vocab``;
+* every tree level splits all its nodes at once: nodes are contiguous segments of one permutation of the labels,
+  a 2-means iteration is a row-wise dot product, one sort by ``(node, score)`` and one ``index_add`` for the
+  centroids, whatever the number of nodes. A level costs ``O(iterations * labels * dim)`` plus a sort.
+
+A node with ``n`` labels and ``k`` leaves to produce sends the ``n * floor(k/2) / k`` labels closest to the first
+centroid left (a balanced split by score rank, as AttentionXML's), so any ``num_clusters`` is reachable and sizes
+differ by at most one label per level.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["balanced_kmeans_tree", "label_embeddings", "load_cluster_file", "save_assignment"]
+
+# Rows of one block of the row-wise dot products (bounds the [rows, dim] temporary).
+SCORE_BLOCK_ROWS = 1 << 16
+# Label rows gathered before one scatter into the label embeddings (1 << 16 rows x 128 dims: 32 MB).
+FLUSH_ROWS = 1 << 16
+
+
+def load_cluster_file(path: str | Path, num_labels: int, label_names: Sequence[str] | None = None) -> Tensor:
+    """Label -> cluster assignment [num_labels] (int64) from a ``.npy`` file.
+
+    Accepted forms: the LightXML/AttentionXML ``label_group*.npy`` (an object array holding one array of label ids
+    per cluster), a 2-D array with one cluster per row (entries < 0 are padding), or a 1-D integer assignment of
+    length ``num_labels``. Label ids that are strings are looked up in ``label_names`` (the raw label names of the
+    data), else parsed as integers. Every label must belong to exactly one cluster.
+    """
+    array = np.load(path, allow_pickle=True)
+    if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+        if array.shape[0] != num_labels:
+            raise ValueError(f"{path}: a 1-D assignment must have {num_labels} entries, got {array.shape[0]}")
+        assignment = array.astype(np.int64)
+    else:
+        groups = list(array) if array.dtype == object else [row[row >= 0] for row in np.asarray(array)]
+        lookup = {str(name): i for i, name in enumerate(label_names)} if label_names is not None else None
+        assignment = np.full(num_labels, -1, dtype=np.int64)
+        for cluster, members in enumerate(groups):
+            ids = np.asarray(members)
+            if ids.dtype.kind in "US" or ids.dtype == object:
+                ids = np.array([lookup[str(m)] if lookup is not None else int(m) for m in ids], dtype=np.int64)
+            ids = ids.astype(np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
+                raise ValueError(f"{path}: cluster {cluster} names a label outside [0, {num_labels})")
+            if (assignment[ids] >= 0).any():
+                raise ValueError(f"{path}: a label of cluster {cluster} already belongs to another cluster")
+            assignment[ids] = cluster
+    if (assignment < 0).any():
+        raise ValueError(f"{path}: {(assignment < 0).sum()} of the {num_labels} labels belong to no cluster")
+    return torch.from_numpy(assignment)
+
+
+def save_assignment(assignment: Tensor, path: Path) -> None:
+    """Write the int64 assignment atomically (a reader sees the whole file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.npy")
+    np.save(tmp, assignment.cpu().numpy().astype(np.int64))
+    os.replace(tmp, path)
+
+
+def _doc_features(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(feature ids, term weights, document row, number of documents)`` of a BoW or a tokenised text batch."""
+    if "feature_ids" in batch:
+        offsets = batch["feature_offsets"].long()
+        docs = offsets.numel() - 1
+        rows = torch.repeat_interleave(torch.arange(docs), offsets[1:] - offsets[:-1])
+        return batch["feature_ids"].long(), batch["feature_values"].float(), rows, docs
+    if "input_ids" in batch:
+        ids = batch["input_ids"].long()
+        mask = batch.get("attention_mask")
+        keep = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        docs = ids.shape[0]
+        rows = torch.arange(docs)[:, None].expand_as(ids)[keep]
+        keys, counts = torch.unique(rows * (1 << 32) + ids[keep], return_counts=True)  # token counts per document
+        return keys % (1 << 32), 1.0 + torch.log(counts.float()), keys >> 32, docs  # sublinear tf
+    raise ValueError("cluster building needs BoW batches (feature_ids/values/offsets) or text (input_ids)")
+
+
+@torch.no_grad()
+def label_embeddings(batches: Callable[[], Iterable[Mapping[str, Tensor]]], num_labels: int, dim: int = 128,
+                     seed: int = 0) -> Tensor:
+    """``[num_labels, dim]`` unit rows: the normalised sum of each label's projected, normalised TF-IDF documents.
+
+    ``batches()`` must return a fresh iterable of training batches (it is read twice: document frequencies, then
+    the vectors). Batches hold ``label_ids``/``label_offsets`` and BoW or token features. Term weights are the
+    sublinear token counts (or the given feature values) times ``idf = log((1 + N) / (1 + df))``, which removes
+    tokens present in every document (``[CLS]``, ``[SEP]``). Memory: ``vocab * dim`` floats for the projection.
+    """
+    df = torch.zeros(0, dtype=torch.long)
+    num_docs = 0
+    for batch in batches():
+        ids, _, rows, docs = _doc_features(batch)
+        pairs = torch.unique(rows * (1 << 32) + ids)
+        counts = torch.bincount(pairs % (1 << 32))
+        if counts.numel() > df.numel():
+            df = torch.cat([df, df.new_zeros(counts.numel() - df.numel())])
+        df[: counts.numel()] += counts
+        num_docs += docs
+    idf = torch.log((1.0 + num_docs) / (1.0 + df.float()))
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(max(1, df.numel()), dim, generator=generator) / math.sqrt(dim)
+    embeddings = torch.zeros(num_labels, dim)
+    pending_ids: list[Tensor] = []
+    pending_vectors: list[Tensor] = []
+
+    def flush() -> None:  # one index_add_ per FLUSH_ROWS label rows: small scatters are slow on busy machines
+        if pending_ids:
+            embeddings.index_add_(0, torch.cat(pending_ids), torch.cat(pending_vectors))
+            pending_ids.clear()
+            pending_vectors.clear()
+
+    for batch in batches():
+        ids, weights, rows, docs = _doc_features(batch)
+        weights = weights * idf[ids]
+        norms = torch.zeros(docs).index_add_(0, rows, weights * weights).sqrt_().clamp_(min=1e-12)
+        offsets = torch.zeros(docs + 1, dtype=torch.long)
+        offsets[1:] = torch.bincount(rows, minlength=docs).cumsum(0)
+        order = torch.argsort(rows, stable=True)
+        vectors = torch.nn.functional.embedding_bag(ids[order], projection, offsets[:-1],
+                                                    per_sample_weights=(weights / norms[rows])[order], mode="sum")
+        label_offsets = batch["label_offsets"].long()
+        label_rows = torch.repeat_interleave(torch.arange(docs), label_offsets[1:] - label_offsets[:-1])
+        pending_ids.append(batch["label_ids"].long())
+        pending_vectors.append(vectors[label_rows])
+        if sum(t.numel() for t in pending_ids) >= FLUSH_ROWS:
+            flush()
+    flush()
+    return torch.nn.functional.normalize(embeddings, dim=1)
+
+
+def _rowwise_dot(x: Tensor, directions: Tensor, segment: Tensor) -> Tensor:
+    """``(x[i] * directions[segment[i]]).sum()`` for every row, in blocks of rows."""
+    out = torch.empty(x.shape[0], dtype=x.dtype)
+    for start in range(0, x.shape[0], SCORE_BLOCK_ROWS):
+        stop = min(x.shape[0], start + SCORE_BLOCK_ROWS)
+        out[start:stop] = (x[start:stop] * directions[segment[start:stop]]).sum(1)
+    return out
+
+
+@torch.no_grad()
+def balanced_kmeans_tree(embeddings: Tensor, num_clusters: int, max_iterations: int = 10, seed: int = 0) -> Tensor:
+    """Label -> cluster [N] (int64) by recursive balanced 2-means on unit rows, all nodes of a level at once.
+
+    Cluster ids follow the leaves left to right; sizes are ``floor`` or ``ceil`` of ``N / num_clusters`` up to one
+    label per level. Spherical 2-means (cosine similarity, normalised centroids), initialised from two random
+    members of each node, stops at ``max_iterations`` or when no label changes side.
+    """
+    x = torch.nn.functional.normalize(embeddings.float().cpu(), dim=1).contiguous()
+    n = x.shape[0]
+    num_clusters = max(1, min(num_clusters, n))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.arange(n)  # position -> label
+    starts, sizes = torch.zeros(1, dtype=torch.long), torch.tensor([n])
+    leaves = torch.tensor([num_clusters])
+    while bool((leaves > 1).any()):
+        split = leaves > 1
+        s_start, s_size, s_leaves = starts[split], sizes[split], leaves[split]
+        num_nodes = s_start.numel()
+        left_leaves = s_leaves // 2
+        left_size = s_size * left_leaves // s_leaves
+        offsets = torch.zeros(num_nodes + 1, dtype=torch.long)
+        offsets[1:] = s_size.cumsum(0)
+        segment = torch.repeat_interleave(torch.arange(num_nodes), s_size)
+        positions = s_start[segment] + torch.arange(segment.numel()) - offsets[:-1][segment]
+        xs = x[positions]
+        # Initial centroids: two distinct random members of each node.
+        first = (torch.rand(num_nodes, generator=generator) * s_size).long().clamp_(max=s_size - 1)
+        other = (first + 1 + (torch.rand(num_nodes, generator=generator) * (s_size - 1)).long()) % s_size
+        c_left, c_right = xs[offsets[:-1] + first], xs[offsets[:-1] + other]
+        previous: Tensor | None = None
+        for _ in range(max(1, max_iterations)):
+            score = _rowwise_dot(xs, c_left - c_right, segment)
+            # One sort by (node, -score): |score| <= 2, so node * 8 - score keeps nodes apart in float64.
+            ranked = torch.argsort(segment.double() * 8.0 - score.double())
+            rank = torch.arange(segment.numel()) - offsets[:-1][segment]  # rank within the node, in ranked order
+            go_left = torch.empty_like(segment, dtype=torch.bool)
+            go_left[ranked] = rank < left_size[segment]
+            if previous is not None and torch.equal(go_left, previous):
+                break
+            previous = go_left
+            sums = torch.zeros(2 * num_nodes, x.shape[1]).index_add_(0, segment * 2 + (~go_left).long(), xs)
+            sums = torch.nn.functional.normalize(sums, dim=1)
+            c_left, c_right = sums[0::2], sums[1::2]
+        # Lay each node out as [its left part, its right part] in the permutation.
+        x[positions] = xs[ranked]
+        order[positions] = order[positions[ranked]]
+        new_starts = torch.stack([s_start, s_start + left_size], 1).reshape(-1)
+        new_sizes = torch.stack([left_size, s_size - left_size], 1).reshape(-1)
+        new_leaves = torch.stack([left_leaves, s_leaves - left_leaves], 1).reshape(-1)
+        starts = torch.cat([starts[~split], new_starts])
+        sizes = torch.cat([sizes[~split], new_sizes])
+        leaves = torch.cat([leaves[~split], new_leaves])
+    by_position = torch.argsort(starts)
+    cluster_of_position = torch.repeat_interleave(torch.arange(starts.numel()), sizes[by_position])
+    assignment = torch.empty(n, dtype=torch.long)
+    assignment[order] = cluster_of_position
+    return assignment

@@ -1,0 +1,344 @@
+"""Dynamic sparse training (DST) of fixed fan-in layers as a Lightning callback.
+
+Every ``interval`` optimizer steps the callback prunes weak connections of every fixed fan-in layer and regrows as
+many elsewhere, so each label keeps exactly ``fan_in`` inputs while the set of inputs moves to where it helps
+(SET/RigL; the SPARTEX paper rewires its classifier head this way).
+
+The schedule is keyed on ``trainer.global_step`` (optimizer steps), so gradient accumulation and data parallelism
+give the same schedule, and it runs in ``on_train_batch_end`` once the step has advanced, i.e. after the optimizer
+step, so pruning sees the updated weights. Updates happen at ``start + n * interval`` (n >= 1) while the step is
+below ``end * estimated_stepping_batches`` (the authors stop at 0.66 of training).
+
+* Pruning, ``threshold`` (the authors'): drop ``|w| < tau(t)`` with ``tau`` cosine-annealed from ``threshold`` to
+  ``threshold_floor`` over the rewiring period (their ``CosineDecay``: ``CosineAnnealingLR`` with
+  ``eta_min=1e-4`` stepped once per optimizer step). ``fraction`` (RigL): drop the ``round(f(t) * fan_in)`` weakest
+  weights per row with ``f(t) = f0 / 2 * (1 + cos(pi * t / T))``. ``t`` counts steps from ``start``, ``T`` is the
+  length of the rewiring period.
+* Regrowth, ``random`` (SET, the paper's): the layer's own ``rewire``. ``gradient`` (RigL): the unconnected inputs
+  with the largest ``|dL/dW|`` on the batch of the update step, computed in label blocks from the layer input and
+  output gradient captured by hooks registered only for that step (see :func:`callbacks.regrowth.gradient_candidates`
+  for the cost). New weights start at zero; optimizer state follows the surviving connections and is zeroed at the
+  regrown slots in every optimizer of the trainer.
+* DDP: all ranks draw from one random stream (seeded identically, the seed broadcast from rank 0) and the gradient
+  variant gathers every rank's activations first, so each rank computes the same topology from identical weights;
+  with ``verify_sync`` a checksum of indices and weights is compared across ranks after each update.
+
+The layers are found by duck typing: any submodule with ``rewire``, ``reset_optimizer_state`` and ``indices``
+(see :class:`xmc_dst.sparse.FixedFanInLinear` for the protocol); ``gradient`` also uses ``weight`` [out, k],
+``in_features`` and a forward whose input is ``[..., in_features]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+
+from callbacks.regrowth import GRADIENT_CHUNK_ELEMENTS, EverActive, apply_regrowth, gradient_candidates
+from xmc_dst.sparse import prune_mask
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DynamicSparseTraining", "cosine_decay", "find_sparse_layers"]
+
+
+def cosine_decay(initial: float, floor: float, t: int, total: int) -> float:
+    """``floor + (initial - floor) * (1 + cos(pi * t / total)) / 2``, clamped to ``0 <= t <= total``."""
+    t = min(max(t, 0), max(total, 1))
+    return floor + (initial - floor) * 0.5 * (1.0 + math.cos(math.pi * t / max(total, 1)))
+
+
+def find_sparse_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every submodule offering the rewiring protocol (``rewire``, ``reset_optimizer_state``, ``indices``)."""
+    return [(name, m) for name, m in module.named_modules()
+            if callable(getattr(m, "rewire", None)) and callable(getattr(m, "reset_optimizer_state", None))
+            and isinstance(getattr(m, "indices", None), Tensor)]
+
+
+class _Capture:
+    """Forward/backward hooks that keep a layer's inputs and output gradients for one optimizer step."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.records: list[list[Tensor | None]] = []
+        self.handle = layer.register_forward_hook(self._forward)
+
+    def _forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (module.training and torch.is_grad_enabled() and output.requires_grad):
+            return
+        record: list[Tensor | None] = [inputs[0].detach().reshape(-1, inputs[0].shape[-1]), None]
+        self.records.append(record)
+
+        def keep(grad: Tensor) -> None:
+            record[1] = grad.detach().reshape(-1, grad.shape[-1])
+
+        output.register_hook(keep)
+
+    def tensors(self) -> tuple[Tensor, Tensor] | None:
+        pairs = [(x, dy) for x, dy in self.records if dy is not None]
+        if not pairs:
+            return None
+        return torch.cat([x for x, _ in pairs]), torch.cat([dy for _, dy in pairs])
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.records.clear()
+
+
+def _all_gather_rows(t: Tensor) -> Tensor:
+    """Concatenate ``t`` [n_r, d] of every rank in rank order (``n_r`` may differ between ranks)."""
+    world = dist.get_world_size()
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+class DynamicSparseTraining(L.Callback):
+    """Prune and regrow the connections of every fixed fan-in layer on a step schedule.
+
+    Args:
+        interval: optimizer steps between updates (the authors: 300-800 depending on the dataset).
+        start: first step of the rewiring period; updates at ``start + n * interval``, ``n >= 1``.
+        end: end of the rewiring period as a fraction of ``trainer.estimated_stepping_batches`` (exclusive).
+        end_step: end as an absolute optimizer step (overrides ``end``; needed when training length is unknown).
+        prune: ``threshold`` (cosine-decayed magnitude threshold) or ``fraction`` (cosine-decayed drop fraction).
+        threshold: initial threshold of ``threshold`` pruning (the authors: 0.01).
+        threshold_floor: value the threshold decays to at the end of the period (the authors: 1e-4).
+        drop_fraction: initial drop fraction of ``fraction`` pruning (RigL: 0.3); decays to 0.
+        regrow: ``random`` (SET) or ``gradient`` (RigL, from the dense gradient of the update step's batch).
+        gradient_chunk_elements: size of one block of the dense gradient in the ``gradient`` variant.
+        seed: seed of the regrowth random stream (None: drawn from torch's global generator on rank 0).
+        track_itop: keep the bit-packed ever-active map and log the in-time over-parameterisation rate.
+        verify_sync: under DDP, check after every update that all ranks hold the same indices and weights.
+    """
+
+    def __init__(self, interval: int = 800, start: int = 0, end: float = 0.66, end_step: int | None = None,
+                 prune: Literal["threshold", "fraction"] = "threshold", threshold: float = 0.01,
+                 threshold_floor: float = 1e-4, drop_fraction: float = 0.3,
+                 regrow: Literal["random", "gradient"] = "random",
+                 gradient_chunk_elements: int = GRADIENT_CHUNK_ELEMENTS, seed: int | None = None,
+                 track_itop: bool = True, verify_sync: bool = True) -> None:
+        super().__init__()
+        if interval < 1 or start < 0:
+            raise ValueError("interval must be >= 1 and start >= 0")
+        if prune not in ("threshold", "fraction"):
+            raise ValueError(f"prune must be 'threshold' or 'fraction', got {prune!r}")
+        if regrow not in ("random", "gradient"):
+            raise ValueError(f"regrow must be 'random' or 'gradient', got {regrow!r}")
+        if not 0.0 < end <= 1.0:
+            raise ValueError(f"end must be a fraction of training in (0, 1], got {end}")
+        if not 0.0 <= drop_fraction <= 1.0 or threshold < 0 or threshold_floor < 0:
+            raise ValueError("drop_fraction must be in [0, 1] and the thresholds non-negative")
+        self.interval, self.start, self.end = interval, start, end
+        self._fixed_end = end_step
+        self.end_step: int | None = end_step  # resolved at the start of training when given as a fraction
+        self.prune, self.regrow = prune, regrow
+        self.threshold, self.threshold_floor, self.drop_fraction = threshold, threshold_floor, drop_fraction
+        self.gradient_chunk_elements, self.seed = gradient_chunk_elements, seed
+        self.track_itop, self.verify_sync = track_itop, verify_sync
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.generator: torch.Generator | None = None
+        self.ever_active: dict[str, EverActive] = {}
+        self.num_updates = 0
+        self.last_update_step = -1
+        self.history: list[dict[str, float]] = []  # one entry per update on this process (not checkpointed)
+        self._captures: dict[str, _Capture] = {}
+        self._pending: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------ schedule
+
+    @property
+    def metric_name(self) -> str:
+        return "dst/threshold" if self.prune == "threshold" else "dst/drop_fraction"
+
+    def _period(self) -> int:
+        if self.end_step is None:
+            raise RuntimeError("the end of the rewiring period is known once training starts (or pass end_step)")
+        return max(1, self.end_step - self.start)
+
+    def amount_at(self, step: int) -> float:
+        """Threshold or drop fraction used by an update at optimizer step ``step``."""
+        t, total = step - self.start, self._period()
+        if self.prune == "threshold":
+            return cosine_decay(self.threshold, self.threshold_floor, t, total)
+        return cosine_decay(self.drop_fraction, 0.0, t, total)
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the topology is updated right after optimizer step ``step``."""
+        return (step > self.start and (step - self.start) % self.interval == 0
+                and self.end_step is not None and step < self.end_step)
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.layers = find_sparse_layers(pl_module)
+        if not self.layers:
+            raise ValueError("DynamicSparseTraining found no layer with rewire/reset_optimizer_state/indices")
+        if self.regrow == "gradient":
+            for name, layer in self.layers:
+                if not isinstance(getattr(layer, "weight", None), Tensor) or not hasattr(layer, "in_features"):
+                    raise ValueError(f"regrow='gradient' needs `weight` and `in_features` on layer {name!r}")
+        seed = self.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = int(trainer.strategy.broadcast(seed, src=0))  # one random stream on every rank
+        self.generator = torch.Generator().manual_seed(seed)
+        if self._pending is not None:
+            self._apply_state(self._pending)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._fixed_end is None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("the length of training is unknown (max_steps=-1, no max_epochs); set end_step")
+            self.end_step = int(self.end * total)
+        if self.track_itop:
+            for name, layer in self.layers:
+                if name not in self.ever_active:
+                    self.ever_active[name] = EverActive(layer.indices, _in_features(layer))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # The batch feeds optimizer step global_step + 1: capture it only when that step is an update step.
+        if self.regrow == "gradient" and not self._captures and self.is_update_step(trainer.global_step + 1):
+            self._captures = {name: _Capture(layer) for name, layer in self.layers}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > self.last_update_step and self.is_update_step(step):
+            self.update(trainer, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._drop_captures()
+
+    # ------------------------------------------------------------------------------------------ update
+
+    @torch.no_grad()
+    def update(self, trainer: L.Trainer, step: int) -> dict[str, float]:
+        """Prune and regrow every layer now with the schedule's value at ``step``; return the logged metrics."""
+        began = time.perf_counter()
+        amount = self.amount_at(step)
+        metrics: dict[str, float] = {self.metric_name: amount}
+        regrown_total = slots_total = ever_total = possible_total = 0
+        for name, layer in self.layers:
+            result = self._rewire(trainer, name, layer, amount)
+            for optimizer in trainer.optimizers:
+                layer.reset_optimizer_state(optimizer, result)
+            regrown_total += result.num_pruned
+            slots_total += result.regrown.numel()
+            if len(self.layers) > 1:
+                metrics[f"dst/{name}/regrown_fraction"] = result.regrown_fraction
+            if self.track_itop:
+                tracker = self.ever_active[name]
+                tracker.add(layer.indices)
+                ever_total += tracker.count
+                possible_total += tracker.words.shape[0] * tracker.in_features
+                if len(self.layers) > 1:
+                    metrics[f"dst/{name}/itop_rate"] = tracker.rate
+        self._drop_captures()
+        if self.verify_sync:
+            self._check_ranks_agree(trainer)
+        self.num_updates += 1
+        self.last_update_step = step
+        metrics["dst/regrown_fraction"] = regrown_total / max(1, slots_total)
+        if self.track_itop:
+            metrics["dst/itop_rate"] = ever_total / max(1, possible_total)
+        metrics["dst/update_seconds"] = time.perf_counter() - began
+        self.history.append({"step": float(step), **metrics})
+        _log(trainer, metrics, step)
+        return metrics
+
+    def _rewire(self, trainer: L.Trainer, name: str, layer: nn.Module, amount: float):
+        captured = self._captures[name].tensors() if name in self._captures else None
+        if self.regrow == "random" or (captured is None and trainer.world_size == 1):
+            if self.regrow == "gradient":
+                log.warning("DST: no gradient captured for %s at this update; regrowing at random", name)
+            return layer.rewire(self.prune, amount, generator=self.generator, init="zero")
+        in_features = _in_features(layer)
+        x, dy = captured if captured is not None else (None, None)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            if x is None:  # keep the collectives matched: a rank without a batch contributes no rows
+                x = layer.weight.new_zeros(0, in_features)
+                dy = layer.weight.new_zeros(0, layer.indices.shape[0])
+            x, dy = _all_gather_rows(x), _all_gather_rows(dy)
+        pruned = prune_mask(layer.weight, self.prune, amount, max_per_row=in_features - layer.indices.shape[1])
+        candidates = gradient_candidates(x, dy, layer.indices, pruned.sum(1), self.gradient_chunk_elements)
+        result = apply_regrowth(layer.weight, layer.indices, pruned, candidates)
+        version = getattr(layer, "topology_version", None)
+        if isinstance(version, Tensor):
+            version += 1
+        return result
+
+    def _drop_captures(self) -> None:
+        for capture in self._captures.values():
+            capture.remove()
+        self._captures = {}
+
+    def _check_ranks_agree(self, trainer: L.Trainer) -> None:
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        sums = []
+        for _, layer in self.layers:
+            idx = layer.indices.long()
+            position = torch.arange(1, idx.numel() + 1, device=idx.device, dtype=torch.float64).view_as(idx)
+            sums += [idx.double().sum(), (idx.double() * position).sum(), layer.weight.double().sum()]
+        local = torch.stack(sums)
+        gathered = trainer.strategy.all_gather(local)
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError("DynamicSparseTraining: ranks disagree on the sparse topology or weights after an "
+                               "update (non-deterministic kernels or a different random stream on some rank)")
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            "num_updates": self.num_updates,
+            "last_update_step": self.last_update_step,
+            "end_step": self.end_step,
+            "ever_active": {name: tracker.state_dict() for name, tracker in self.ever_active.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.generator is None:  # restored before setup: apply once the generator exists
+            self._pending = state_dict
+            self.num_updates = int(state_dict["num_updates"])
+            self.last_update_step = int(state_dict["last_update_step"])
+            return
+        self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+        self.num_updates = int(state["num_updates"])
+        self.last_update_step = int(state["last_update_step"])
+        self.ever_active = {name: EverActive.from_state_dict(s) for name, s in state.get("ever_active", {}).items()}
+        self._pending = None
+
+
+def _in_features(layer: nn.Module) -> int:
+    if hasattr(layer, "in_features"):
+        return int(layer.in_features)
+    raise ValueError(f"{type(layer).__name__} has no in_features")
+
+
+@rank_zero_only
+def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Straight to the loggers: updates are sparse events that ``log_every_n_steps`` could skip."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
