@@ -1,0 +1,304 @@
+"""DynamicSparseTraining on a toy MLP with one fixed fan-in layer, against independent references.
+
+References: the authors' schedule is torch's ``CosineAnnealingLR`` stepped once per optimizer step; the dense weight
+and optimizer state scattered to ``[out, in]`` say where every connection's value must be after a rewire; the
+dense gradient of a dense copy of the layer says which inputs RigL must grow.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import DynamicSparseTraining
+from callbacks.dst import find_sparse_layers
+from callbacks.regrowth import EverActive, apply_regrowth, gradient_candidates
+from xmc_dst.sparse import FixedFanInLinear
+
+IN, HIDDEN, OUT, FAN_IN = 12, 24, 30, 4
+
+
+class ToyMLP(L.LightningModule):
+    """A non-XMC module: dense body, one fixed fan-in output layer, BCE, Adam."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh())
+        with torch.no_grad():
+            for p in self.body.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        self.out = FixedFanInLinear(HIDDEN, OUT, FAN_IN, generator=generator)
+        self.lr = lr
+
+    def loss(self, batch, weight: torch.Tensor | None = None) -> torch.Tensor:
+        x, y = batch
+        h = self.body(x)
+        logits = self.out(h) if weight is None else h @ weight.t() + self.out.bias
+        return nn.functional.binary_cross_entropy_with_logits(logits, y)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def toy_loader(batches: int = 8, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batches * batch_size, IN, generator=g)
+    y = (torch.rand(batches * batch_size, OUT, generator=g) < 0.15).float()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(callbacks, tmp_path=None, **kwargs) -> L.Trainer:
+    defaults = dict(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, accelerator="cpu", devices=1)
+    defaults.update(kwargs)
+    if tmp_path is not None:
+        defaults.setdefault("default_root_dir", str(tmp_path))
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def authors_threshold(initial: float, floor: float, total: int, steps: int) -> float:
+    """The authors' ``CosineDecay``: CosineAnnealingLR(T_max=total, eta_min=floor) stepped ``steps`` times."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=initial)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=floor)
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"]
+
+
+class Probe(L.Callback):
+    """Snapshots the sparse layer and its Adam state around DST updates (placed before and after the callback)."""
+
+    def __init__(self, store: list, dst: DynamicSparseTraining) -> None:
+        self.store, self.dst = store, dst
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.dst.is_update_step(trainer.global_step):
+            layer = pl_module.out
+            state = trainer.optimizers[0].state[layer.weight]
+            self.store.append({"step": trainer.global_step, "indices": layer.indices.clone(),
+                               "weight": layer.weight.detach().clone(), "exp_avg": state["exp_avg"].clone(),
+                               "exp_avg_sq": state["exp_avg_sq"].clone(), "batch": batch})
+
+
+def dense(indices: torch.Tensor, values: torch.Tensor, in_features: int = HIDDEN) -> torch.Tensor:
+    return torch.zeros(indices.shape[0], in_features, dtype=values.dtype).scatter_(1, indices.long(), values)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_schedule_values_match_authors_and_rigl_formulas(tmp_path):
+    model = ToyMLP()
+    dst = DynamicSparseTraining(interval=3, end=0.75, prune="threshold", threshold=0.3, threshold_floor=1e-4, seed=0)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
+    trainer(callbacks=[dst], logger=logger).fit(model, toy_loader())
+    assert dst.end_step == int(0.75 * 16) == 12
+    assert [int(h["step"]) for h in dst.history] == [3, 6, 9]
+    for h in dst.history:
+        assert h["dst/threshold"] == pytest.approx(authors_threshold(0.3, 1e-4, 12, int(h["step"])), rel=1e-9)
+    assert int(model.out.topology_version) == 3
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("dst/threshold")]
+    assert [int(r["step"]) for r in rows] == [3, 6, 9]
+    assert all(0 < float(r["dst/regrown_fraction"]) <= 1 and float(r["dst/itop_rate"]) > FAN_IN / HIDDEN
+               for r in rows)
+
+    rigl = DynamicSparseTraining(interval=5, start=10, end_step=110, prune="fraction", drop_fraction=0.3)
+    for step in (15, 35, 60, 100):
+        t, total = step - 10, 100
+        assert rigl.amount_at(step) == pytest.approx(0.3 / 2 * (1 + math.cos(math.pi * t / total)))
+    assert [s for s in range(0, 130) if rigl.is_update_step(s)] == list(range(15, 110, 5))
+
+
+def test_gradient_accumulation_keeps_the_optimizer_step_schedule():
+    model = ToyMLP()
+    dst = DynamicSparseTraining(interval=2, end=1.0, threshold=0.3, seed=0)
+    trainer(callbacks=[dst], accumulate_grad_batches=2).fit(model, toy_loader())  # 16 batches -> 8 steps
+    assert [int(h["step"]) for h in dst.history] == [2, 4, 6]
+    assert int(model.out.topology_version) == 3
+
+
+# ---------------------------------------------------------------------------------------------- rewiring
+
+
+@pytest.mark.parametrize("prune", ["threshold", "fraction"])
+def test_rewire_moves_connections_keeps_fan_in_and_resets_state_at_regrown_slots(prune):
+    model = ToyMLP()
+    dst = DynamicSparseTraining(interval=2, end=1.0, prune=prune, threshold=0.35, drop_fraction=0.5, seed=0)
+    before, after = [], []
+    trainer(callbacks=[Probe(before, dst), dst, Probe(after, dst)]).fit(model, toy_loader())
+    assert len(before) == len(after) == len(dst.history) == 7
+    union = dense(before[0]["indices"], torch.ones(OUT, FAN_IN, dtype=torch.bool))
+    moved = 0
+    for old, new, h in zip(before, after, dst.history, strict=True):
+        idx = new["indices"]
+        assert idx.shape == (OUT, FAN_IN) and idx.dtype == torch.int32
+        assert bool((idx[:, 1:] > idx[:, :-1]).all())  # sorted and unique: the fan-in is exactly FAN_IN
+        # Pruned: the reference rule on the post-step weights (threshold, or the k weakest per row).
+        magnitude = old["weight"].abs()
+        if prune == "threshold":
+            drop = magnitude < h["dst/threshold"]
+        else:
+            k = round(h["dst/drop_fraction"] * FAN_IN)
+            drop = torch.zeros_like(magnitude, dtype=torch.bool)
+            if k:
+                drop.scatter_(1, magnitude.topk(k, dim=1, largest=False).indices, True)
+        kept_old = dense(old["indices"], ~drop)
+        new_set = dense(idx, torch.ones_like(idx, dtype=torch.bool))
+        old_set = dense(old["indices"], torch.ones_like(idx, dtype=torch.bool))
+        assert torch.equal(new_set & old_set, kept_old)  # survivors kept, pruned gone
+        assert torch.equal((new_set & ~old_set).sum(1), drop.sum(1))  # as many new inputs as pruned
+        assert h["dst/regrown_fraction"] == pytest.approx(drop.sum().item() / drop.numel())
+        moved += int(drop.sum())
+        # Weights and Adam moments follow their input; regrown slots are zero (absent from the old dense map).
+        for key in ("weight", "exp_avg", "exp_avg_sq"):
+            expected = dense(old["indices"], old[key]).gather(1, idx.long())
+            assert torch.equal(new[key], expected), key
+        regrown = dense(idx, torch.ones_like(idx, dtype=torch.bool)) & ~old_set
+        assert bool((dense(idx, new["exp_avg_sq"])[regrown] == 0).all())
+        union |= new_set
+        tracker = dst.ever_active["out"]
+    assert moved > 0
+    assert torch.equal(tracker.dense(), union)  # ITOP map: every connection ever active
+    assert dst.history[-1]["dst/itop_rate"] == pytest.approx(union.sum().item() / (OUT * HIDDEN))
+
+
+def test_gradient_regrowth_grows_the_largest_dense_gradients():
+    model = ToyMLP()
+    dst = DynamicSparseTraining(interval=3, end=1.0, threshold=0.3, regrow="gradient", seed=0)
+
+    class DenseGradient(L.Callback):
+        """Reference: the gradient of the loss w.r.t. a dense copy of the layer, on the update step's batch."""
+
+        grads: dict = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batch = batch
+
+        def on_after_backward(self, trainer, pl_module):
+            if dst.is_update_step(trainer.global_step + 1):
+                with torch.enable_grad():
+                    weight = pl_module.out.dense_weight().requires_grad_(True)
+                    pl_module.loss(self.batch, weight).backward(inputs=[weight])
+                self.grads[trainer.global_step + 1] = weight.grad.clone()
+
+    reference = DenseGradient()
+    before, after = [], []
+    trainer(callbacks=[reference, Probe(before, dst), dst, Probe(after, dst)]).fit(model, toy_loader())
+    assert sorted(reference.grads) == [3, 6, 9, 12, 15] == [int(h["step"]) for h in dst.history]
+    assert not dst._captures and not model.out._forward_hooks  # hooks only around update steps
+    grew = 0
+    for old, new in zip(before, after, strict=True):
+        grad = reference.grads[old["step"]].abs()
+        old_set = dense(old["indices"], torch.ones(OUT, FAN_IN, dtype=torch.bool))
+        new_set = dense(new["indices"], torch.ones(OUT, FAN_IN, dtype=torch.bool))
+        grown = new_set & ~old_set
+        for row in range(OUT):
+            n = int(grown[row].sum())
+            if n:
+                candidates = grad[row].masked_fill(old_set[row], -1.0)
+                assert set(candidates.topk(n).indices.tolist()) == set(grown[row].nonzero().squeeze(1).tolist())
+                grew += n
+        assert bool((new["weight"][grown.gather(1, new["indices"].long())] == 0).all())  # new weights start at 0
+    assert grew > 0
+
+
+def test_gradient_candidates_in_label_chunks_match_the_dense_gradient():
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(16, 50, generator=g), torch.randn(16, 37, generator=g)
+    indices = torch.stack([torch.randperm(50, generator=g)[:6].sort().values for _ in range(37)]).int()
+    counts = torch.randint(0, 5, (37,), generator=g)
+    got = gradient_candidates(x, dy, indices, counts, chunk_elements=50 * 4)  # 4 labels per chunk
+    reference = (dy.t() @ x).abs().scatter_(1, indices.long(), -1.0)
+    for row in range(37):
+        n = int(counts[row])
+        assert got[row, :n].tolist() == reference[row].topk(n).indices.tolist()
+
+    weight = torch.randn(37, 6, generator=g)
+    pruned = torch.rand(37, 6, generator=g) < counts[:, None] / 6.0
+    pruned_counts = pruned.sum(1)
+    cands = gradient_candidates(x, dy, indices, pruned_counts)
+    new_weight, new_indices = weight.clone(), indices.clone()
+    result = apply_regrowth(new_weight, new_indices, pruned, cands)
+    for row in range(37):
+        kept = {int(i): float(w) for i, w, p in zip(indices[row], weight[row], pruned[row], strict=True) if not p}
+        grown = set(cands[row, : int(pruned_counts[row])].tolist())
+        assert set(new_indices[row].tolist()) == set(kept) | grown
+        for slot, i in enumerate(new_indices[row].tolist()):
+            assert float(new_weight[row, slot]) == kept.get(i, 0.0)
+            assert bool(result.regrown[row, slot]) == (i in grown)
+            assert int(indices[row, result.permutation[row, slot]]) == i or i in grown
+
+
+def test_ever_active_map_is_an_or_of_indices():
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.stack([torch.randperm(130, generator=g)[:9].sort().values for _ in range(7)]) for _ in range(4)]
+    tracker = EverActive(rows[0].int(), 130)
+    union = dense(rows[0], torch.ones(7, 9, dtype=torch.bool), 130)
+    for r in rows[1:]:
+        tracker.add(r.int())
+        union |= dense(r, torch.ones(7, 9, dtype=torch.bool), 130)
+    assert torch.equal(tracker.dense(), union) and tracker.count == int(union.sum())
+    assert tracker.words.numel() * 8 == 7 * math.ceil(130 / 64) * 8
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+
+def test_resumed_run_rewires_exactly_like_an_uninterrupted_one(tmp_path):
+    def callback():
+        return DynamicSparseTraining(interval=3, end=0.9, threshold=0.3, seed=None)
+
+    torch.manual_seed(123)  # seed=None: the random stream is drawn from torch's global generator once
+    straight, dst_straight = ToyMLP(), callback()
+    trainer(callbacks=[dst_straight]).fit(straight, toy_loader())
+
+    class StopAfterFirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    torch.manual_seed(123)
+    first, dst_first = ToyMLP(), callback()
+    run = trainer(callbacks=[dst_first, StopAfterFirstEpoch()])
+    run.fit(first, toy_loader())
+    assert run.global_step == 8
+    path = tmp_path / "half.ckpt"
+    run.save_checkpoint(path)
+
+    torch.manual_seed(999)  # a different global state: the resumed stream must come from the checkpoint
+    resumed, dst_resumed = ToyMLP(), callback()
+    trainer(callbacks=[dst_resumed]).fit(resumed, toy_loader(), ckpt_path=path)
+    assert [int(h["step"]) for h in dst_resumed.history] == [9, 12]  # rewires after the resume point
+    assert [h["step"] for h in dst_first.history + dst_resumed.history] == [h["step"] for h in dst_straight.history]
+    assert torch.equal(resumed.out.indices, straight.out.indices)
+    assert torch.equal(resumed.out.weight, straight.out.weight)
+    assert torch.equal(resumed.body[0].weight, straight.body[0].weight)
+    assert dst_resumed.ever_active["out"].count == dst_straight.ever_active["out"].count
+    assert dst_resumed.history[-1]["dst/itop_rate"] == dst_straight.history[-1]["dst/itop_rate"]
+
+
+def test_finds_any_module_with_the_rewiring_protocol():
+    class Duck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("indices", torch.zeros(2, 1, dtype=torch.int32))
+
+        def rewire(self, *args, **kwargs): ...
+
+        def reset_optimizer_state(self, *args): ...
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(Duck(), FixedFanInLinear(4, 5, 2)))
+    assert [name for name, _ in find_sparse_layers(model)] == ["1.0", "1.1"]
+    with pytest.raises(ValueError, match="no layer"):
+        DynamicSparseTraining().setup(trainer([]), L.LightningModule(), "fit")
