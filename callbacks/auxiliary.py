@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from callbacks.clusters import balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
@@ -92,6 +93,8 @@ class AuxiliaryObjective(L.Callback):
         self.current_alpha = alpha
         self.cluster_source: str | None = None
         self.build_seconds: float | None = None
+        self._step = 0
+        self._aux_values: list[float] = []
 
     # ------------------------------------------------------------------------------------------ schedule
 
@@ -133,7 +136,7 @@ class AuxiliaryObjective(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        step = trainer.global_step
+        step = self._step = trainer.global_step
         self.current_alpha = self.alpha_at(step)
         if self.current_alpha <= 0.0 or getattr(pl_module, "aux_head", None) is None:
             self.current_alpha = 0.0
@@ -143,13 +146,19 @@ class AuxiliaryObjective(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        pl_module.log("aux/alpha", self.current_alpha, on_step=True, on_epoch=False)
         if self.current_alpha > 0.0:
             aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
             if aux is None:
                 aux = trainer.callback_metrics.get("train/aux_loss")
             if aux is not None:
-                pl_module.log("aux/loss", float(aux), on_step=True, on_epoch=False)
+                self._aux_values.append(float(aux))
+        if trainer.global_step > self._step:  # last micro-batch of the optimizer step
+            if self._step % max(1, trainer.log_every_n_steps) == 0:
+                metrics = {"aux/alpha": self.current_alpha}
+                if self._aux_values:
+                    metrics["aux/loss"] = sum(self._aux_values) / len(self._aux_values)
+                _log(trainer, metrics, self._step)
+            self._aux_values = []
 
     def _remove(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         pl_module.remove_aux_head()
@@ -225,6 +234,14 @@ class AuxiliaryObjective(L.Callback):
         else:
             self.cluster_source = "built"
         return assignment
+
+
+@rank_zero_only
+def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Straight to the loggers, at the step whose training batch used these values (as Lightning labels them):
+    a value logged through ``LightningModule.log`` would be repeated until the end of the epoch after the cutoff."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
 
 
 def _num_labels(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
