@@ -71,10 +71,10 @@ def test_static_bytes_match_a_hand_count_and_the_report_is_written(tmp_path, cap
     assert "peak M_tr" in printed and "head" in printed
 
 
-def test_peak_includes_a_known_activation():
+def test_peak_includes_a_known_activation(tmp_path):
     profiler = MemoryProfiler(print_table=False)
-    trainer = L.Trainer(callbacks=[profiler], max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(callbacks=[profiler], max_epochs=1, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Toy(allocate_mib=96), toy_loader())  # 96 MiB input + 96 MiB product kept for backward
     report = profiler.report
     assert report["peak_bytes"] - report["fit_start_rss_bytes"] >= 150 * (1 << 20)
@@ -94,7 +94,7 @@ def bow_batches(num_features: int, num_labels: int, count: int = 4, batch: int =
 
 
 @pytest.mark.parametrize("head", ["sparse", "dense"])
-def test_estimate_of_the_static_part_matches_the_profiler(head):
+def test_estimate_of_the_static_part_matches_the_profiler(head, tmp_path):
     from xmc_dst.encoders import BagOfWordsEncoder
     from xmc_dst.model import XMCModule
 
@@ -106,8 +106,8 @@ def test_estimate_of_the_static_part_matches_the_profiler(head):
                       **hparams)
     profiler = MemoryProfiler(print_table=False)
     aux = AuxiliaryObjective(cutoff_step=100, build_clusters=False)  # the auxiliary head trains (has state)
-    L.Trainer(callbacks=[aux, profiler], max_steps=2, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False,
+    L.Trainer(callbacks=[aux, profiler], max_steps=2, default_root_dir=tmp_path, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               ).fit(model, DataLoader(bow_batches(300, 700), batch_size=None))
     measured = profiler.report["parts"]
     estimate = estimate_memory({"model": {"encoder": encoder, **hparams}}, batch_size=8)
