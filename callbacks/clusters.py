@@ -7,9 +7,9 @@ near-equal size. Two choices keep this practical at 670K labels on a CPU:
 * documents are projected to ``dim`` dimensions by a seeded Gaussian random projection before summing (cosine
   similarities are preserved up to ``O(1/sqrt(dim))``, Johnson-Lindenstrauss), so a label is a dense ``dim``-vector
   rather than a sparse row over the vocabulary, and a centroid costs ``dim`` floats instead of ``vocab``;
-* every tree level splits all its nodes at once: nodes are contiguous segments of one permutation of the labels,
-  a 2-means iteration is a row-wise dot product, one sort by ``(node, score)`` and one ``index_add`` for the
-  centroids, whatever the number of nodes. A level costs ``O(iterations * labels * dim)`` plus a sort.
+* every tree level splits all its nodes at once: nodes are contiguous ranges of one permutation of the labels,
+  padded to a ``[nodes, size, dim]`` batch, so a 2-means iteration is two batched matrix products and a row-wise
+  sort whatever the number of nodes. A level costs ``O(iterations * labels * dim)`` plus the sorts.
 
 A node with ``n`` labels and ``k`` leaves to produce sends the ``n * floor(k/2) / k`` labels closest to the first
 centroid left (a balanced split by score rank, as AttentionXML's), so any ``num_clusters`` is reachable and sizes
@@ -18,6 +18,7 @@ differ by at most one label per level.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import uuid
@@ -28,10 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
 __all__ = ["balanced_kmeans_tree", "label_embeddings", "load_cluster_file", "save_assignment"]
 
-# Rows of one block of the row-wise dot products (bounds the [rows, dim] temporary).
-SCORE_BLOCK_ROWS = 1 << 16
 # Label rows gathered before one scatter into the label embeddings (1 << 16 rows x 128 dims: 32 MB).
 FLUSH_ROWS = 1 << 16
 
@@ -39,32 +40,38 @@ FLUSH_ROWS = 1 << 16
 def load_cluster_file(path: str | Path, num_labels: int, label_names: Sequence[str] | None = None) -> Tensor:
     """Label -> cluster assignment [num_labels] (int64) from a ``.npy`` file.
 
-    Accepted forms: the LightXML/AttentionXML ``label_group*.npy`` (an object array holding one array of label ids
+    Accepted forms: the LightXML/AttentionXML ``label_group*.npy`` (an object array holding one array of labels
     per cluster), a 2-D array with one cluster per row (entries < 0 are padding), or a 1-D integer assignment of
-    length ``num_labels``. Label ids that are strings are looked up in ``label_names`` (the raw label names of the
-    data), else parsed as integers. Every label must belong to exactly one cluster.
+    length ``num_labels``. Members that are strings are label names, looked up in ``label_names`` (the authors'
+    raw-text files list names; names absent from the training labels are skipped). Labels that no cluster lists
+    (labels unseen when the file was made) are spread over the clusters by id, as :func:`xmc_dst.model.
+    load_label_clusters` does; a label listed twice is an error.
     """
     array = np.load(path, allow_pickle=True)
     if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
-        if array.shape[0] != num_labels:
-            raise ValueError(f"{path}: a 1-D assignment must have {num_labels} entries, got {array.shape[0]}")
-        assignment = array.astype(np.int64)
-    else:
-        groups = list(array) if array.dtype == object else [row[row >= 0] for row in np.asarray(array)]
-        lookup = {str(name): i for i, name in enumerate(label_names)} if label_names is not None else None
-        assignment = np.full(num_labels, -1, dtype=np.int64)
-        for cluster, members in enumerate(groups):
-            ids = np.asarray(members)
-            if ids.dtype.kind in "US" or ids.dtype == object:
-                ids = np.array([lookup[str(m)] if lookup is not None else int(m) for m in ids], dtype=np.int64)
-            ids = ids.astype(np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
-                raise ValueError(f"{path}: cluster {cluster} names a label outside [0, {num_labels})")
-            if (assignment[ids] >= 0).any():
-                raise ValueError(f"{path}: a label of cluster {cluster} already belongs to another cluster")
-            assignment[ids] = cluster
-    if (assignment < 0).any():
-        raise ValueError(f"{path}: {(assignment < 0).sum()} of the {num_labels} labels belong to no cluster")
+        if array.shape[0] != num_labels or (array < 0).any():
+            raise ValueError(f"{path}: a 1-D assignment needs a non-negative cluster for each of {num_labels} labels")
+        return torch.from_numpy(array.astype(np.int64))
+    groups = list(array) if array.dtype == object else [row[row >= 0] for row in np.asarray(array)]
+    lookup = {str(name): i for i, name in enumerate(label_names)} if label_names is not None else None
+    assignment = np.full(num_labels, -1, dtype=np.int64)
+    for cluster, members in enumerate(groups):
+        ids = np.asarray(members).reshape(-1)
+        if not np.issubdtype(ids.dtype, np.integer):
+            if lookup is None:
+                raise ValueError(f"{path} lists label names: the data's label names are needed to read it")
+            ids = np.array([lookup[str(m)] for m in ids if str(m) in lookup], dtype=np.int64)
+        ids = ids.astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
+            raise ValueError(f"{path}: cluster {cluster} names a label outside [0, {num_labels})")
+        if (assignment[ids] >= 0).any():
+            raise ValueError(f"{path}: a label of cluster {cluster} already belongs to another cluster")
+        assignment[ids] = cluster
+    missing = np.flatnonzero(assignment < 0)
+    if missing.size:
+        log.warning("%s: %d of %d labels are in no cluster; spread over the clusters by id", path, missing.size,
+                    num_labels)
+        assignment[missing] = missing % len(groups)
     return torch.from_numpy(assignment)
 
 
@@ -146,15 +153,6 @@ def label_embeddings(batches: Callable[[], Iterable[Mapping[str, Tensor]]], num_
     return torch.nn.functional.normalize(embeddings, dim=1)
 
 
-def _rowwise_dot(x: Tensor, directions: Tensor, segment: Tensor) -> Tensor:
-    """``(x[i] * directions[segment[i]]).sum()`` for every row, in blocks of rows."""
-    out = torch.empty(x.shape[0], dtype=x.dtype)
-    for start in range(0, x.shape[0], SCORE_BLOCK_ROWS):
-        stop = min(x.shape[0], start + SCORE_BLOCK_ROWS)
-        out[start:stop] = (x[start:stop] * directions[segment[start:stop]]).sum(1)
-    return out
-
-
 @torch.no_grad()
 def balanced_kmeans_tree(embeddings: Tensor, num_clusters: int, max_iterations: int = 10, seed: int = 0) -> Tensor:
     """Label -> cluster [N] (int64) by recursive balanced 2-means on unit rows, all nodes of a level at once.
@@ -167,49 +165,60 @@ def balanced_kmeans_tree(embeddings: Tensor, num_clusters: int, max_iterations: 
     n = x.shape[0]
     num_clusters = max(1, min(num_clusters, n))
     generator = torch.Generator().manual_seed(seed)
-    order = torch.arange(n)  # position -> label
+    order = torch.arange(n)  # position -> label; every node is a contiguous range of positions
     starts, sizes = torch.zeros(1, dtype=torch.long), torch.tensor([n])
     leaves = torch.tensor([num_clusters])
     while bool((leaves > 1).any()):
         split = leaves > 1
         s_start, s_size, s_leaves = starts[split], sizes[split], leaves[split]
-        num_nodes = s_start.numel()
         left_leaves = s_leaves // 2
         left_size = s_size * left_leaves // s_leaves
-        offsets = torch.zeros(num_nodes + 1, dtype=torch.long)
-        offsets[1:] = s_size.cumsum(0)
-        segment = torch.repeat_interleave(torch.arange(num_nodes), s_size)
-        positions = s_start[segment] + torch.arange(segment.numel()) - offsets[:-1][segment]
-        xs = x[positions]
-        # Initial centroids: two distinct random members of each node.
-        first = (torch.rand(num_nodes, generator=generator) * s_size).long().clamp_(max=s_size - 1)
-        other = (first + 1 + (torch.rand(num_nodes, generator=generator) * (s_size - 1)).long()) % s_size
-        c_left, c_right = xs[offsets[:-1] + first], xs[offsets[:-1] + other]
-        previous: Tensor | None = None
-        for _ in range(max(1, max_iterations)):
-            score = _rowwise_dot(xs, c_left - c_right, segment)
-            # One sort by (node, -score): |score| <= 2, so node * 8 - score keeps nodes apart in float64.
-            ranked = torch.argsort(segment.double() * 8.0 - score.double())
-            rank = torch.arange(segment.numel()) - offsets[:-1][segment]  # rank within the node, in ranked order
-            go_left = torch.empty_like(segment, dtype=torch.bool)
-            go_left[ranked] = rank < left_size[segment]
-            if previous is not None and torch.equal(go_left, previous):
-                break
-            previous = go_left
-            sums = torch.zeros(2 * num_nodes, x.shape[1]).index_add_(0, segment * 2 + (~go_left).long(), xs)
-            sums = torch.nn.functional.normalize(sums, dim=1)
-            c_left, c_right = sums[0::2], sums[1::2]
-        # Lay each node out as [its left part, its right part] in the permutation.
-        x[positions] = xs[ranked]
-        order[positions] = order[positions[ranked]]
-        new_starts = torch.stack([s_start, s_start + left_size], 1).reshape(-1)
-        new_sizes = torch.stack([left_size, s_size - left_size], 1).reshape(-1)
-        new_leaves = torch.stack([left_leaves, s_leaves - left_leaves], 1).reshape(-1)
-        starts = torch.cat([starts[~split], new_starts])
-        sizes = torch.cat([sizes[~split], new_sizes])
-        leaves = torch.cat([leaves[~split], new_leaves])
+        order[_node_positions(s_start, s_size)] = _split_level(x, order, s_start, s_size, left_size,
+                                                               max_iterations, generator)
+        starts = torch.cat([starts[~split], torch.stack([s_start, s_start + left_size], 1).reshape(-1)])
+        sizes = torch.cat([sizes[~split], torch.stack([left_size, s_size - left_size], 1).reshape(-1)])
+        leaves = torch.cat([leaves[~split], torch.stack([left_leaves, s_leaves - left_leaves], 1).reshape(-1)])
     by_position = torch.argsort(starts)
     cluster_of_position = torch.repeat_interleave(torch.arange(starts.numel()), sizes[by_position])
     assignment = torch.empty(n, dtype=torch.long)
     assignment[order] = cluster_of_position
     return assignment
+
+
+def _node_positions(starts: Tensor, sizes: Tensor) -> Tensor:
+    """The positions of every node, node after node."""
+    offsets = torch.cumsum(sizes, 0) - sizes
+    node = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    return starts[node] + torch.arange(node.numel()) - offsets[node]
+
+
+def _split_level(x: Tensor, order: Tensor, starts: Tensor, sizes: Tensor, left_size: Tensor, max_iterations: int,
+                 generator: torch.Generator) -> Tensor:
+    """Balanced 2-means of every node of a level; returns each node's labels reordered as [left part, right part].
+
+    Nodes are padded to the largest size (sizes of one level differ by a few labels at most), so every 2-means
+    iteration is two batched matrix products and one row-wise sort: ``[nodes, size, dim]`` labels against
+    ``[nodes, dim]`` centroid differences.
+    """
+    num_nodes, width = sizes.numel(), int(sizes.max())
+    slot = torch.arange(width)
+    valid = slot[None, :] < sizes[:, None]  # [nodes, width]
+    labels = order[(starts[:, None] + slot[None, :]).clamp(max=order.numel() - 1)]
+    xs = x[labels] * valid[:, :, None]  # padding rows are zero vectors
+    first = (torch.rand(num_nodes, generator=generator) * sizes).long().clamp_(max=sizes - 1)
+    other = (first + 1 + (torch.rand(num_nodes, generator=generator) * (sizes - 1)).long()) % sizes
+    rows = torch.arange(num_nodes)
+    c_left, c_right = xs[rows, first], xs[rows, other]
+    previous: Tensor | None = None
+    for _ in range(max(1, max_iterations)):
+        score = torch.bmm(xs, (c_left - c_right)[:, :, None]).squeeze(2).masked_fill_(~valid, float("-inf"))
+        ranked = torch.argsort(score, dim=1, descending=True, stable=True)  # padding last
+        go_left = torch.zeros_like(valid).scatter_(1, ranked, slot[None, :] < left_size[:, None])
+        if previous is not None and torch.equal(go_left, previous):
+            break
+        previous = go_left
+        c_left = torch.nn.functional.normalize(torch.bmm(go_left[:, None, :].float(), xs).squeeze(1), dim=1)
+        go_right = (valid & ~go_left)[:, None, :].float()
+        c_right = torch.nn.functional.normalize(torch.bmm(go_right, xs).squeeze(1), dim=1)
+    reordered = labels.gather(1, ranked)  # left part first (highest scores), then the right part, then padding
+    return reordered[slot[None, :] < sizes[:, None]]

@@ -258,6 +258,8 @@ class DynamicSparseTraining(L.Callback):
         metrics["dst/regrown_fraction"] = regrown_total / max(1, slots_total)
         if self.track_itop:
             metrics["dst/itop_rate"] = ever_total / max(1, possible_total)
+        if any(layer.indices.is_cuda for _, layer in self.layers):
+            torch.cuda.synchronize()
         metrics["dst/update_seconds"] = time.perf_counter() - began
         self.history.append({"step": float(step), **metrics})
         _log(trainer, metrics, step)
@@ -293,10 +295,10 @@ class DynamicSparseTraining(L.Callback):
         if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return
         sums = []
-        for _, layer in self.layers:
-            idx = layer.indices.long()
-            position = torch.arange(1, idx.numel() + 1, device=idx.device, dtype=torch.float64).view_as(idx)
-            sums += [idx.double().sum(), (idx.double() * position).sum(), layer.weight.double().sum()]
+        for _, layer in self.layers:  # per-row sums weighted by the row number: O(rows) temporaries
+            rows = torch.arange(1, layer.indices.shape[0] + 1, device=layer.indices.device, dtype=torch.float64)
+            idx_rows, w_rows = layer.indices.double().sum(1), layer.weight.detach().double().sum(1)
+            sums += [idx_rows.sum(), (idx_rows * rows).sum(), (w_rows * rows).sum()]
         local = torch.stack(sums)
         gathered = trainer.strategy.all_gather(local)
         if not bool((gathered == gathered[0]).all()):

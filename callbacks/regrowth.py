@@ -47,6 +47,7 @@ def gradient_candidates(x: Tensor, dy: Tensor, indices: Tensor, counts: Tensor,
     for start in range(0, rows.numel(), chunk):
         block = rows[start:start + chunk]
         scores = (dyf[:, block].t() @ xf).abs_()  # [chunk, in] block of the dense gradient
+        scores.nan_to_num_(nan=0.0, posinf=torch.finfo(scores.dtype).max)  # an overflowed fp16 step stays valid
         scores.scatter_(1, indices[block].long(), -1.0)  # connected inputs are never chosen (|g| >= 0 > -1)
         result[block] = scores.topk(need, dim=1, sorted=True).indices
     return result

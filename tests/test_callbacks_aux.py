@@ -254,9 +254,15 @@ def test_cluster_files_in_every_accepted_form(tmp_path):
     named[:] = [np.array(["a", "e"]), np.array(["b", "c", "f"]), np.array(["d"])]
     np.save(tmp_path / "named.npy", named, allow_pickle=True)
     assert torch.equal(load_cluster_file(tmp_path / "named.npy", 6, list("abcdef")), expected)
-    np.save(tmp_path / "partial.npy", np.array([[0, 1], [2, 3]]))
-    with pytest.raises(ValueError, match="belong to no cluster"):
-        load_cluster_file(tmp_path / "partial.npy", 6)
+    named[:] = [np.array(["a", "e", "zz"]), np.array(["b", "c"]), np.array(["d"])]  # "zz": not a training label
+    np.save(tmp_path / "partial.npy", named, allow_pickle=True)
+    assert torch.equal(load_cluster_file(tmp_path / "partial.npy", 6, list("abcdef")),
+                       torch.tensor([0, 1, 1, 2, 0, 5 % 3]))  # "f" is in no cluster: spread by id
+    with pytest.raises(ValueError, match="label names"):
+        load_cluster_file(tmp_path / "named.npy", 6)
+    np.save(tmp_path / "twice.npy", np.array([[0, 1], [1, 2]]))
+    with pytest.raises(ValueError, match="another cluster"):
+        load_cluster_file(tmp_path / "twice.npy", 6)
 
 
 # ---------------------------------------------------------------------------------------------- XMCModule
