@@ -166,6 +166,38 @@ def test_transformer_freezing_and_architecture_only(tiny_encoder_dir):
         TransformerEncoder(EncoderInputs())
 
 
+def test_length_chunks_give_the_whole_batch_result(tiny_encoder_dir):
+    texts = ("a", "the python library tool", "game", "network data file tool python and the data", "of", "file")
+    batch = _text_batch(tiny_encoder_dir, texts)
+    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
+    for pooling in ("mean", "cls"):
+        whole = TransformerEncoder(inputs, pooling=pooling).eval()
+        chunked = TransformerEncoder(inputs, pooling=pooling, length_chunks=3).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(chunked(batch), whole(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_feature_cache_is_exact_and_computes_each_document_once(tiny_encoder_dir):
+    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
+    plain = TransformerEncoder(inputs, trainable_layers=0).eval()
+    cached = TransformerEncoder(inputs, trainable_layers=0, cache_features=True, dropout=0.3)
+    seen = []
+    cached.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    first = _text_batch(tiny_encoder_dir, ("the python library", "a game", "file tool"))
+    second = _text_batch(tiny_encoder_dir, ("a game", "network data", "the python library", "file tool"))
+    cached.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cached(first), plain(first), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached(second), plain(second), rtol=1e-5, atol=1e-5)
+    assert seen == [3, 1]  # the second batch computes only its new document
+    assert len(cached.cache) == 4
+    cached.train()  # dropout still applies to cached vectors in training
+    assert not torch.equal(cached(second), plain(second))
+    with pytest.raises(ValueError, match="frozen"):
+        TransformerEncoder(inputs, cache_features=True)
+
+
 def test_transformer_compile_keeps_outputs_and_state_keys(tiny_encoder_dir):
     inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
     plain = TransformerEncoder(inputs).eval()
@@ -269,8 +301,17 @@ def test_label_clusters_from_file(tmp_path):
     assert load_label_clusters(tmp_path / "groups.npy", 5).tolist() == [0, 1, 0, 1, 0]
     np.save(tmp_path / "assign.npy", np.array([1, 1, 0]))
     assert load_label_clusters(tmp_path / "assign.npy", 3).tolist() == [1, 1, 0]
+    assert load_label_clusters(tmp_path / "groups.npy", 7).tolist() == [0, 1, 0, 1, 0, 1, 0]  # 5, 6: by id
     with pytest.raises(ValueError):
-        load_label_clusters(tmp_path / "groups.npy", 6)
+        load_label_clusters(tmp_path / "groups.npy", 4)
+    named = np.empty(2, dtype=object)
+    named[0], named[1] = np.array(["b", "zz"]), np.array(["a", "c"])  # "zz" is not a training label
+    np.save(tmp_path / "named.npy", named, allow_pickle=True)
+    assert load_label_clusters(tmp_path / "named.npy", 3, ["a", "b", "c"]).tolist() == [1, 0, 1]
+    with pytest.raises(LookupError):
+        load_label_clusters(tmp_path / "named.npy", 3)
+    pending = _bow_module(aux_cluster_file=str(tmp_path / "named.npy"), num_labels=3)
+    assert pending.aux_head.out_features == 2 and pending._clusters_pending
     module = _bow_module(aux_cluster_file=str(tmp_path / "groups.npy"), num_labels=5)
     assert module.aux_head.out_features == 2 and module.label_clusters.tolist() == [0, 1, 0, 1, 0]
     module.set_label_clusters(torch.tensor([0, 1, 2, 2, 1]))

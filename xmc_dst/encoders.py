@@ -86,11 +86,19 @@ class TransformerEncoder(nn.Module):
         compile: compile the transformer with ``torch.compile`` (opt-in: it pays off on long GPU runs only).
         compile_options: keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).
+        cache_features: with a frozen encoder (``trainable_layers=0``), keep each document's pooled vector in
+            memory, keyed by its token ids, and compute it only the first time the document is seen. The pooled
+            vector is a pure function of the tokens then, so this is exact; it turns every epoch after the first
+            into head-only training. Memory: ``output_dim`` floats per distinct document (small datasets).
+        length_chunks: run each batch as this many chunks of documents of similar length, each trimmed to its
+            longest document: less compute on padding when the batch's lengths vary (pays off on CPU; the results
+            are those of the whole batch, as padding is masked).
     """
 
     def __init__(self, inputs: EncoderInputs, pooling: Pooling = "mean", num_layers: int = 1, dropout: float = 0.0,
                  pretrained: str | None = None, trainable_layers: int = -1, compile: bool = False,
-                 compile_options: dict[str, Any] | None = None, gradient_checkpointing: bool = False) -> None:
+                 compile_options: dict[str, Any] | None = None, gradient_checkpointing: bool = False,
+                 cache_features: bool = False, length_chunks: int = 1) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "cls_concat"):
             raise ValueError(f"pooling must be cls, mean or cls_concat, got {pooling!r}")
@@ -108,6 +116,12 @@ class TransformerEncoder(nn.Module):
         self.output_dim = hidden * (num_layers if pooling == "cls_concat" else 1)
         self.dropout = nn.Dropout(dropout)
         self.frozen = _freeze_below(self.transformer, trainable_layers)
+        if cache_features and not self.frozen:
+            raise ValueError("cache_features needs a frozen encoder (trainable_layers=0)")
+        self.cache: dict[bytes, Tensor] | None = {} if cache_features else None
+        if length_chunks < 1:
+            raise ValueError(f"length_chunks must be >= 1, got {length_chunks}")
+        self.length_chunks = length_chunks
         if gradient_checkpointing:
             self.transformer.gradient_checkpointing_enable()
         if compile:
@@ -120,19 +134,47 @@ class TransformerEncoder(nn.Module):
             self.transformer.eval()
         return self
 
-    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    def pooled(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The pooled transformer output, before dropout (in ``length_chunks`` chunks of similar length)."""
+        if self.length_chunks == 1 or input_ids.shape[0] < 2 * self.length_chunks:
+            return self._pooled(input_ids, attention_mask)
+        lengths = attention_mask.sum(1)
+        order = torch.argsort(lengths)
+        parts = []
+        for rows in torch.tensor_split(order, self.length_chunks):
+            width = max(1, int(lengths[rows].max()))
+            parts.append(self._pooled(input_ids[rows, :width], attention_mask[rows, :width]))
+        out = torch.cat(parts)
+        return out[torch.argsort(order)]
+
+    def _pooled(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         want_hidden = self.pooling == "cls_concat" and self.num_layers > 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
                                    output_hidden_states=want_hidden, return_dict=True)
         if self.pooling == "mean":
-            pooled = masked_mean(out.last_hidden_state, attention_mask)
-        elif want_hidden:
-            pooled = torch.cat([out.hidden_states[-i][:, 0] for i in range(1, self.num_layers + 1)], dim=-1)
-        else:
-            pooled = out.last_hidden_state[:, 0]
-        return self.dropout(pooled)
+            return masked_mean(out.last_hidden_state, attention_mask)
+        if want_hidden:
+            return torch.cat([out.hidden_states[-i][:, 0] for i in range(1, self.num_layers + 1)], dim=-1)
+        return out.last_hidden_state[:, 0]
+
+    def _pooled_cached(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        lengths = attention_mask.sum(1).tolist()
+        tokens = input_ids.cpu().numpy()
+        keys = [tokens[i, : int(n)].tobytes() for i, n in enumerate(lengths)]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache]
+        if missing:
+            rows = torch.tensor(missing, device=input_ids.device)
+            fresh = self.pooled(input_ids[rows], attention_mask[rows]).detach()
+            for j, i in enumerate(missing):
+                self.cache[keys[i]] = fresh[j]
+        return torch.stack([self.cache[key] for key in keys]).to(input_ids.device)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        if self.cache is not None:
+            return self.dropout(self._pooled_cached(input_ids, attention_mask))
+        return self.dropout(self.pooled(input_ids, attention_mask))
 
 
 def _load_transformer(location: str, pretrained_weights: bool) -> nn.Module:

@@ -38,7 +38,7 @@ from xmc_dst.sparse import FixedFanInLinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XMCModule", "load_label_clusters", "top_k"]
+__all__ = ["XMCModule", "count_label_clusters", "load_label_clusters", "top_k"]
 
 CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -54,19 +54,44 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return scores, ids
 
 
-def load_label_clusters(path: str | Path, num_labels: int) -> Tensor:
-    """Label -> cluster ids from a ``.npy`` file: an int array [num_labels] (the assignment), or an object array of
-    label-id arrays, one per cluster (the authors' ``label_group*.npy``)."""
+def load_label_clusters(path: str | Path, num_labels: int, label_names: Sequence[str] | None = None) -> Tensor:
+    """Label -> cluster ids [num_labels] from a ``.npy`` file.
+
+    The file holds either the assignment (an int array [num_labels]) or the clusters' members, one array per
+    cluster (an object array, or a 2-d int array with a row per cluster): the authors' ``label_group*.npy``, whose
+    members are label *names* for raw-text data (mapped through ``label_names``; names unknown to the training
+    vocabulary are skipped) and label ids for LF data. Labels in no cluster are spread over the clusters by id.
+    """
     array = np.load(path, allow_pickle=True)
-    if array.dtype == object:
-        assignment = np.full(num_labels, -1, dtype=np.int64)
-        for cluster, labels in enumerate(array):
-            assignment[np.asarray(labels, dtype=np.int64)] = cluster
-    else:
-        assignment = np.asarray(array, dtype=np.int64).reshape(-1)
-    if assignment.shape[0] != num_labels or (assignment < 0).any():
-        raise ValueError(f"{path}: expected a cluster for each of the {num_labels} labels")
+    if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+        assignment = array.astype(np.int64)
+        if assignment.shape[0] != num_labels or (assignment < 0).any():
+            raise ValueError(f"{path}: expected a non-negative cluster id for each of the {num_labels} labels")
+        return torch.from_numpy(assignment)
+    assignment = np.full(num_labels, -1, dtype=np.int64)
+    index = {str(name): i for i, name in enumerate(label_names)} if label_names is not None else None
+    for cluster, members in enumerate(array):
+        members = np.asarray(members).reshape(-1)
+        if np.issubdtype(members.dtype, np.integer):
+            ids = members.astype(np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
+                raise ValueError(f"{path}: cluster {cluster} has label ids outside [0, {num_labels})")
+        else:
+            if index is None:
+                raise LookupError(f"{path} lists label names: the label names of the data are needed")
+            ids = np.array([index[str(m)] for m in members if str(m) in index], dtype=np.int64)
+        assignment[ids] = cluster
+    missing = assignment < 0
+    assignment[missing] = np.flatnonzero(missing) % len(array)
     return torch.from_numpy(assignment)
+
+
+def count_label_clusters(path: str | Path) -> int:
+    """Number of clusters in a cluster file (see :func:`load_label_clusters`), without the label names."""
+    array = np.load(path, allow_pickle=True)
+    if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+        return int(array.max()) + 1
+    return len(array)
 
 
 def _factory_spec(factory: Any) -> dict[str, Any] | None:
@@ -195,13 +220,17 @@ class XMCModule(L.LightningModule):
                 self.head.bias.zero_()
 
         self.aux_alpha: float = 0.0
+        self._clusters_pending = False
         if aux_clusters > 0 or aux_cluster_file:
+            count = count_label_clusters(aux_cluster_file) if aux_cluster_file else aux_clusters
+            clusters = torch.arange(num_labels) * count // num_labels  # contiguous blocks until replaced
             if aux_cluster_file:
-                clusters = load_label_clusters(aux_cluster_file, num_labels)
-            else:
-                clusters = torch.arange(num_labels) * aux_clusters // num_labels
+                try:
+                    clusters = load_label_clusters(aux_cluster_file, num_labels)
+                except LookupError:  # members are label names: resolved in setup() with the data's names
+                    self._clusters_pending = True
             self.register_buffer("label_clusters", clusters.long())
-            self.aux_head: nn.Linear | None = nn.Linear(int(self.encoder.output_dim), int(clusters.max()) + 1)
+            self.aux_head: nn.Linear | None = nn.Linear(int(self.encoder.output_dim), count)
         else:
             self.register_buffer("label_clusters", None)
             self.aux_head = None
@@ -309,7 +338,7 @@ class XMCModule(L.LightningModule):
         label_ids, label_offsets = batch["label_ids"], batch["label_offsets"]
         loss = xmc_loss(self.hparams.loss, logits, label_ids, label_offsets, self.hparams.loss_reduction)
         size = logits.shape[0]
-        if self.aux_head is not None and self.aux_alpha > 0:
+        if self.aux_head is not None:  # also at alpha 0: every parameter gets a gradient (DDP needs that)
             aux = self.aux_loss(features, label_ids, label_offsets)
             self.log("train/main_loss", loss.detach(), batch_size=size)
             self.log("train/aux_loss", aux.detach(), batch_size=size)
@@ -364,6 +393,10 @@ class XMCModule(L.LightningModule):
                 if len(names) != self.hparams.num_labels:
                     raise ValueError(f"the data has {len(names)} labels, the model {self.hparams.num_labels}")
                 self.label_names = list(names)
+                if self._clusters_pending and self.aux_head is not None:
+                    clusters = load_label_clusters(self.hparams.aux_cluster_file, len(names), self.label_names)
+                    self.label_clusters.copy_(clusters)
+                    self._clusters_pending = False
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
                 inv_propensity = inverse_propensity(
                     datamodule.train_label_counts, datamodule.num_train_docs,

@@ -1,0 +1,183 @@
+"""The ``xmc-dst`` command line: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+
+    xmc-dst fit --config configs/debtags.yaml                       # train (and test: test_after_fit in the yaml)
+    xmc-dst test --config configs/debtags.yaml --ckpt_path best.ckpt
+    xmc-dst predict --config configs/debtags.yaml --ckpt_path best.ckpt --data.init_args.predict_file docs.txt
+
+The DataModule is chosen in yaml (``data: {class_path, init_args}``); the model's label count, tokenizer and
+bag-of-words width come from it by argument links (applied when the DataModule has been built), so they are never
+written twice. Every run logs to CSV (``<save_dir>/<name>/version_<n>/metrics.csv``), shows a rich progress bar and
+ends ``test``/``validate`` with a rich table of the metrics. Model selection and early stopping follow ``monitor``
+(default ``val/P@3``, as the authors).
+
+Further subcommands that are not Lightning's (e.g. a memory estimate) register in :data:`EXTRA_SUBCOMMANDS`
+(``name -> (function(argv) -> exit status, one-line help)``); :func:`main` dispatches them before the LightningCLI.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules.base import XMCDataModule
+from xmc_dst.inference import JsonLinesPredictionWriter
+from xmc_dst.model import XMCModule
+
+__all__ = ["EXTRA_SUBCOMMANDS", "XMCLightningCLI", "cli", "main", "metrics_table", "register_subcommand"]
+
+DEFAULT_MONITOR = "val/P@3"
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+               "init_args": {"save_dir": "logs", "name": "xmc-dst"}},
+}
+
+EXTRA_SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {}
+
+
+def register_subcommand(name: str, function: Callable[[list[str]], int | None], help: str = "") -> None:
+    """Add a non-Lightning subcommand: ``xmc-dst <name> ...`` calls ``function(remaining argv)``."""
+    if name in XMCLightningCLI.subcommands():
+        raise ValueError(f"{name!r} is a Lightning subcommand")
+    EXTRA_SUBCOMMANDS[name] = (function, help)
+
+
+def _tokenizer_of(data: Any) -> str | None:
+    return getattr(data, "tokenizer_name", None)
+
+
+def _num_features_of(data: Any) -> int | None:
+    return getattr(data, "num_features", None) if hasattr(type(data), "num_features") else None
+
+
+def metrics_table(metrics: dict[str, float], title: str) -> Any:
+    """A rich table: one row per metric family (P, nDCG, PSP, PSnDCG), one column per k."""
+    from rich.table import Table
+
+    families: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        name = key.rsplit("/", 1)[-1]
+        if "@" not in name:
+            continue
+        family, k = name.split("@", 1)
+        if k.isdigit():
+            families.setdefault(family, {})[int(k)] = float(value)
+    ks = sorted({k for values in families.values() for k in values})
+    table = Table(title=title)
+    table.add_column("metric (%)", style="bold")
+    for k in ks:
+        table.add_column(f"@{k}", justify="right")
+    for family in [f for f in ("P", "nDCG", "PSP", "PSnDCG") if f in families] + sorted(
+            set(families) - {"P", "nDCG", "PSP", "PSnDCG"}):
+        table.add_row(family, *[f"{families[family][k]:.2f}" if k in families[family] else "" for k in ks])
+    return table
+
+
+class XMCLightningCLI(LightningCLI):
+    """LightningCLI with the data -> model links, checkpointing/early stopping on ``monitor``, a JSON-lines
+    prediction writer, CSV logging and a rich progress bar by default, and an optional test after ``fit``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--monitor", type=str, default=DEFAULT_MONITOR,
+                            help="Metric (higher is better) for checkpoint selection and early stopping.")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="After fit, test the best checkpoint (the last weights without checkpointing).")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.mode": "max",
+            "checkpoint.save_top_k": 1,
+            "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.link_arguments("monitor", "checkpoint.monitor")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({
+            "early_stopping.mode": "max",
+            "early_stopping.patience": 25,
+            "early_stopping.min_delta": 0.005,  # the authors' 5e-5 on a 0-1 scale; metrics here are in percent
+            "early_stopping.strict": False,  # no validation loop: never stops instead of failing
+        })
+        parser.link_arguments("monitor", "early_stopping.monitor")
+        parser.add_lightning_class_args(JsonLinesPredictionWriter, "prediction_writer")
+        parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
+        parser.link_arguments("data", "model.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
+        parser.link_arguments("data", "model.num_features", compute_fn=_num_features_of, apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Add a rich progress bar unless the config has a progress bar or disables it."""
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(cb, ProgressBar) for cb in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    # The subcommands run these methods instead of the Trainer's (LightningCLI looks them up by name).
+
+    def fit(self, **kwargs: Any) -> None:
+        self.trainer.fit(**kwargs)
+        if self._get(self.config, "test_after_fit", default=False):
+            callback = self.trainer.checkpoint_callback
+            best = getattr(callback, "best_model_path", "") if callback is not None else ""
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None,
+                              verbose=False)
+            self.print_metrics("test")
+
+    def validate(self, **kwargs: Any) -> None:
+        kwargs["verbose"] = False
+        self.trainer.validate(**kwargs)
+        self.print_metrics("val")
+
+    def test(self, **kwargs: Any) -> None:
+        kwargs["verbose"] = False
+        self.trainer.test(**kwargs)
+        self.print_metrics("test")
+
+    def predict(self, **kwargs: Any) -> None:
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # the writer has them; do not keep every batch in memory
+        self.trainer.predict(**kwargs)
+
+    def print_metrics(self, prefix: str) -> dict[str, float]:
+        """Print the ``prefix/...`` metrics of the last run as a rich table (rank 0) and return them."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{prefix}/")}
+        if metrics and self.trainer.is_global_zero:
+            from rich.console import Console
+
+            name = type(self.datamodule).__name__ if self.datamodule is not None else ""
+            Console().print(metrics_table(metrics, f"{'Test' if prefix == 'test' else 'Validation'} {name}"))
+        return metrics
+
+
+def cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> XMCLightningCLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line (default ``sys.argv[1:]``)."""
+    return XMCLightningCLI(XMCModule, XMCDataModule, args=None if args is None else list(args), run=run, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``xmc-dst`` and ``python -m xmc_dst``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_SUBCOMMANDS:
+        function, _ = EXTRA_SUBCOMMANDS[argv[0]]
+        return int(function(argv[1:]) or 0)
+    if EXTRA_SUBCOMMANDS and argv and argv[0] in ("-h", "--help"):
+        extra = "\n".join(f"  {name:<16} {help}" for name, (_, help) in sorted(EXTRA_SUBCOMMANDS.items()))
+        print(f"Further subcommands:\n{extra}\n")
+    cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
