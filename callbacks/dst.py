@@ -121,6 +121,8 @@ class DynamicSparseTraining(L.Callback):
         gradient_chunk_elements: size of one block of the dense gradient in the ``gradient`` variant.
         seed: seed of the regrowth random stream (None: drawn from torch's global generator on rank 0).
         track_itop: keep the bit-packed ever-active map and log the in-time over-parameterisation rate.
+        itop_rows: track at most this many rows (a fixed random sample; the rate is then an estimate, see
+            :class:`~callbacks.regrowth.EverActive`); None tracks every row (670K x 768: a 64 MB map).
         verify_sync: under DDP, check after every update that all ranks hold the same indices and weights.
     """
 
@@ -129,7 +131,7 @@ class DynamicSparseTraining(L.Callback):
                  threshold_floor: float = 1e-4, drop_fraction: float = 0.3,
                  regrow: Literal["random", "gradient"] = "random",
                  gradient_chunk_elements: int = GRADIENT_CHUNK_ELEMENTS, seed: int | None = None,
-                 track_itop: bool = True, verify_sync: bool = True) -> None:
+                 track_itop: bool = True, itop_rows: int | None = 65_536, verify_sync: bool = True) -> None:
         super().__init__()
         if interval < 1 or start < 0:
             raise ValueError("interval must be >= 1 and start >= 0")
@@ -147,7 +149,7 @@ class DynamicSparseTraining(L.Callback):
         self.prune, self.regrow = prune, regrow
         self.threshold, self.threshold_floor, self.drop_fraction = threshold, threshold_floor, drop_fraction
         self.gradient_chunk_elements, self.seed = gradient_chunk_elements, seed
-        self.track_itop, self.verify_sync = track_itop, verify_sync
+        self.track_itop, self.itop_rows, self.verify_sync = track_itop, itop_rows, verify_sync
         self.layers: list[tuple[str, nn.Module]] = []
         self.generator: torch.Generator | None = None
         self.ever_active: dict[str, EverActive] = {}
@@ -209,7 +211,7 @@ class DynamicSparseTraining(L.Callback):
         if self.track_itop:
             for name, layer in self.layers:
                 if name not in self.ever_active:
-                    self.ever_active[name] = EverActive(layer.indices, _in_features(layer))
+                    self.ever_active[name] = EverActive.sampled(layer.indices, _in_features(layer), self.itop_rows)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -245,9 +247,9 @@ class DynamicSparseTraining(L.Callback):
                 metrics[f"dst/{name}/regrown_fraction"] = result.regrown_fraction
             if self.track_itop:
                 tracker = self.ever_active[name]
-                tracker.add(layer.indices)
+                tracker.add(layer.indices, only=result.regrown)
                 ever_total += tracker.count
-                possible_total += tracker.words.shape[0] * tracker.in_features
+                possible_total += tracker.possible
                 if len(self.layers) > 1:
                     metrics[f"dst/{name}/itop_rate"] = tracker.rate
         self._drop_captures()

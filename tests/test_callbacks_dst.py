@@ -251,6 +251,11 @@ def test_ever_active_map_is_an_or_of_indices():
         union |= dense(r, torch.ones(7, 9, dtype=torch.bool), 130)
     assert torch.equal(tracker.dense(), union) and tracker.count == int(union.sum())
     assert tracker.words.numel() * 8 == 7 * math.ceil(130 / 64) * 8
+    sampled = EverActive.sampled(rows[0].int(), 130, max_rows=3, seed=5)
+    for r in rows[1:]:
+        sampled.add(r.int(), only=torch.rand(7, 9, generator=g) < 2)  # all slots, through the mask path
+    assert sampled.rows.tolist() == sorted(torch.randperm(7, generator=torch.Generator().manual_seed(5))[:3].tolist())
+    assert torch.equal(sampled.dense(), union[sampled.rows]) and sampled.possible == 3 * 130
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -137,7 +137,7 @@ def test_estimate_counts_a_transformer_exactly_and_compares_heads_at_670k(tiny_e
     dense, sparse = estimate.parts["dense"]["head"], estimate.parts["sparse"]["head"]
     assert dense.static == labels * (width + 1) * 4 * 4  # weights, grads, two AdamW moments
     assert sparse.static == labels * (min(32, width) + 1) * 4 * 4 + labels * 32 * 4 + 8
-    assert estimate.parts["sparse"]["dst"].buffers == labels * 1 * 8  # ever-active map: ceil(32 / 64) words
+    assert estimate.parts["sparse"]["dst"].buffers == 65_536 * 1 * 8  # sampled ever-active map: ceil(32/64) words
     assert dense.activations == sparse.activations == 2 * 4 * labels * 4
     assert estimate.fits("sparse") is (estimate.total("sparse") <= 1 << 30)
     assert estimate.to_dict()["heads"]["dense"]["total"] == estimate.total("dense")

@@ -8,8 +8,9 @@ rest, activations, depends on the kernels and the allocator and is estimated:
 * a transformer layer keeps ``s*b*(16h + 2as)`` activation elements and ``s*b*(2h + as)`` bytes of dropout masks
   (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models"); with gradient
   checkpointing only its ``s*b*h`` input;
-* dynamic sparse training adds the bit-packed ever-active map (``labels * ceil(in / 64) * 8`` bytes) and the
-  transient tensors of one rewire (about 22 bytes per connection: masks, int64 permutation, moved state).
+* dynamic sparse training adds the bit-packed ever-active map (``rows * ceil(in / 64) * 8`` bytes, rows = the
+  labels or the tracked sample) and the transient tensors of one rewire (about 22 bytes per connection: masks,
+  int64 permutation, moved state).
 
 :func:`estimate_memory` reads a LightningCLI config (or XMCModule hyperparameters) and prints the dense and the
 sparse head side by side; :func:`static_breakdown` counts the tensors of a live model, which the
@@ -172,7 +173,8 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
                           encoder_activations: int = 0, encoder_output_dim: int | None = None,
                           intermediate_dim: int = 0, aux_clusters: int = 0, param_bytes: int = 4,
                           encoder_optimizer: str = "adamw", head_optimizer: str = "adamw",
-                          dst: bool = True, track_itop: bool = True, gradient_regrowth: bool = False,
+                          dst: bool = True, track_itop: bool = True, itop_rows: int | None = 65_536,
+                          gradient_regrowth: bool = False,
                           precision: str = "32-true", budget_bytes: int | None = None) -> MemoryEstimate:
     """The estimate from plain numbers (see the module docstring for the formulas).
 
@@ -211,7 +213,8 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
         words = (head_in + 63) // 64
         rewire = num_labels * fan_in * REWIRE_BYTES_PER_SLOT
         captured = batch_size * (head_in + num_labels) * 4 if gradient_regrowth else 0
-        sparse["dst"] = PartBytes(buffers=num_labels * words * 8 if track_itop else 0,
+        tracked = num_labels if itop_rows is None else min(num_labels, itop_rows)
+        sparse["dst"] = PartBytes(buffers=tracked * words * 8 if track_itop else 0,
                                   activations=rewire + captured)
         notes.append("dst activations: transient tensors of one rewire (and the captured batch with gradient "
                      "regrowth); they peak after the optimizer step, not with the encoder's activations")
@@ -333,6 +336,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         encoder_output_dim=enc_out, intermediate_dim=intermediate, aux_clusters=aux, param_bytes=param_bytes,
         encoder_optimizer=model.get("encoder_optimizer", "adamw"), head_optimizer=model.get("head_optimizer", "adamw"),
         dst=dst_args is not None, track_itop=bool((dst_args or {}).get("track_itop", True)),
+        itop_rows=(dst_args or {}).get("itop_rows", 65_536),
         gradient_regrowth=(dst_args or {}).get("regrow") == "gradient", precision=precision, budget_bytes=budget)
     if transformer is not None:
         estimate.notes.append("encoder activations: Korthikanti et al. (2022) per-layer formula; attention kernels "
