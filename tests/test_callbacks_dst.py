@@ -307,3 +307,28 @@ def test_finds_any_module_with_the_rewiring_protocol():
     assert [name for name, _ in find_sparse_layers(model)] == ["1.0", "1.1"]
     with pytest.raises(ValueError, match="no layer"):
         DynamicSparseTraining().setup(trainer([]), L.LightningModule(), "fit")
+
+
+def test_all_callbacks_configure_from_a_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    from callbacks import AuxiliaryObjective, MemoryProfiler
+
+    config = tmp_path / "config.yaml"
+    config.write_text("""
+trainer:
+  max_epochs: 1
+  callbacks:
+    - class_path: callbacks.DynamicSparseTraining
+      init_args: {interval: 3, end: 0.5, prune: fraction, drop_fraction: 0.2, regrow: gradient, itop_rows: null}
+    - class_path: callbacks.AuxiliaryObjective
+      init_args: {alpha: 0.3, cutoff_epoch: 2, num_clusters: 8, build_clusters: false}
+    - class_path: callbacks.MemoryProfiler
+      init_args: {filename: mem.json, print_table: false}
+""")
+    cli = LightningCLI(ToyMLP, args=["--config", str(config)], run=False, save_config_callback=None)
+    dst, aux, mem = cli.trainer.callbacks[:3]
+    assert isinstance(dst, DynamicSparseTraining) and (dst.interval, dst.end, dst.prune, dst.regrow) == (
+        3, 0.5, "fraction", "gradient") and dst.drop_fraction == 0.2 and dst.itop_rows is None
+    assert isinstance(aux, AuxiliaryObjective) and (aux.alpha, aux.cutoff_epoch, aux.num_clusters) == (0.3, 2, 8)
+    assert isinstance(mem, MemoryProfiler) and mem.filename == "mem.json" and not mem.print_table
