@@ -158,3 +158,24 @@ def test_static_breakdown_counts_shared_parameters_once():
     model.a, model.b = shared, shared
     parts = static_breakdown(model)
     assert list(parts) == ["a"] and parts["a"].params == 12 * 4
+
+
+def test_estimate_memory_command_prints_json_and_fails_over_budget(tmp_path, capsys):
+    from xmc_dst.memory import estimate_memory_main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("""
+model:
+  encoder: {class_path: xmc_dst.encoders.BagOfWordsEncoder, init_args: {embedding_dim: 32, hidden_dim: 0}}
+  num_labels: 100000
+  num_features: 5000
+  fan_in: 16
+""")
+    assert estimate_memory_main(["--config", str(config), "--json", "--batch-size", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    dense, sparse = report["heads"]["dense"], report["heads"]["sparse"]
+    assert dense["parts"]["head"]["params"] == 100_000 * 33 * 4
+    assert sparse["parts"]["head"]["params"] == 100_000 * 17 * 4
+    assert report["batch_size"] == 16 and dense["fits"] is None
+    assert estimate_memory_main(["--config", str(config), "--budget-gib", "0.001"]) == 1  # the sparse head won't fit
+    assert "does NOT fit" in capsys.readouterr().out

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MemoryEstimate", "PartBytes", "estimate_memory", "estimate_memory_parts", "static_breakdown",
-           "transformer_activation_bytes"]
+__all__ = ["MemoryEstimate", "PartBytes", "estimate_memory", "estimate_memory_main", "estimate_memory_parts",
+           "static_breakdown", "transformer_activation_bytes"]
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -322,8 +322,12 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
     intermediate = int(model.get("intermediate_dim", 0) or 0)
     head_in = intermediate or enc_out
     aux = int(model.get("aux_clusters", 0) or 0)
+    notes = []
     if model.get("aux_cluster_file") and not aux:
-        aux = int(_cluster_count(model["aux_cluster_file"]))
+        try:
+            aux = int(_cluster_count(model["aux_cluster_file"]))
+        except OSError:
+            notes.append(f"aux_cluster_file {model['aux_cluster_file']} not found: auxiliary head not counted")
 
     dst_args = None
     for callback in trainer.get("callbacks", []) or []:
@@ -338,6 +342,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         dst=dst_args is not None, track_itop=bool((dst_args or {}).get("track_itop", True)),
         itop_rows=(dst_args or {}).get("itop_rows", 65_536),
         gradient_regrowth=(dst_args or {}).get("regrow") == "gradient", precision=precision, budget_bytes=budget)
+    estimate.notes.extend(notes)
     if transformer is not None:
         estimate.notes.append("encoder activations: Korthikanti et al. (2022) per-layer formula; attention kernels "
                               "that do not keep the s x s scores (flash/memory-efficient SDPA) need less")
@@ -389,3 +394,33 @@ def _proc_status(key: str) -> int | None:
 def mib(n: int | float | None) -> float | None:
     return None if n is None else n / MIB
 
+
+def estimate_memory_main(argv: list[str] | None = None) -> int:
+    """``xmc-dst estimate-memory --config <yaml> [...]``: print the estimate as a rich table (or JSON)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="xmc-dst estimate-memory",
+                                     description="Estimate training memory, dense and sparse head side by side.")
+    parser.add_argument("--config", required=True, help="LightningCLI yaml (model/data/trainer sections)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precision", default=None, help="32-true, 16-mixed, bf16-mixed, bf16-true, ...")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per document")
+    parser.add_argument("--num-labels", type=int, default=None)
+    parser.add_argument("--num-features", type=int, default=None, help="bag-of-words vocabulary size")
+    parser.add_argument("--budget-gib", type=float, default=None, help="device memory to fit in")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    estimate = estimate_memory(args.config, batch_size=args.batch_size, precision=args.precision,
+                               max_length=args.max_length, num_labels=args.num_labels,
+                               num_features=args.num_features, budget_gib=args.budget_gib)
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(estimate.table())
+        for note in estimate.notes:
+            console.print(f"note: {note}")
+    return 0 if args.budget_gib is None or estimate.fits("sparse") else 1
