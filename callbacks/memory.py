@@ -45,10 +45,11 @@ class MemoryProfiler(L.Callback):
         self.static_end: dict[str, PartBytes] = {}
         self.report: dict[str, Any] = {}
         self.path: Path | None = None
+        self._device = torch.device("cpu")
         self._first_step_seen = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        device = pl_module.device
+        device = self._device = pl_module.device  # kept: the model is back on the CPU by on_fit_end
         self.device_kind = device.type
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -101,7 +102,7 @@ class MemoryProfiler(L.Callback):
 
     def _peak(self, pl_module: L.LightningModule) -> int | None:
         if self.device_kind == "cuda":
-            return int(torch.cuda.max_memory_allocated(pl_module.device))
+            return int(torch.cuda.max_memory_allocated(self._device))
         return peak_rss_bytes()
 
     @rank_zero_only

@@ -86,9 +86,9 @@ class Probe(L.Callback):
         if self.dst.is_update_step(trainer.global_step):
             layer = pl_module.out
             state = trainer.optimizers[0].state[layer.weight]
-            self.store.append({"step": trainer.global_step, "indices": layer.indices.clone(),
-                               "weight": layer.weight.detach().clone(), "exp_avg": state["exp_avg"].clone(),
-                               "exp_avg_sq": state["exp_avg_sq"].clone(), "batch": batch})
+            self.store.append({"step": trainer.global_step, "indices": layer.indices.cpu().clone(),
+                               "weight": layer.weight.detach().cpu().clone(), "exp_avg": state["exp_avg"].cpu().clone(),
+                               "exp_avg_sq": state["exp_avg_sq"].cpu().clone()})
 
 
 def dense(indices: torch.Tensor, values: torch.Tensor, in_features: int = HIDDEN) -> torch.Tensor:
@@ -132,12 +132,16 @@ def test_gradient_accumulation_keeps_the_optimizer_step_schedule():
 # ---------------------------------------------------------------------------------------------- rewiring
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("prune", ["threshold", "fraction"])
-def test_rewire_moves_connections_keeps_fan_in_and_resets_state_at_regrown_slots(prune):
+def test_rewire_moves_connections_keeps_fan_in_and_resets_state_at_regrown_slots(prune, device):
     model = ToyMLP()
     dst = DynamicSparseTraining(interval=2, end=1.0, prune=prune, threshold=0.35, drop_fraction=0.5, seed=0)
     before, after = [], []
-    trainer(callbacks=[Probe(before, dst), dst, Probe(after, dst)]).fit(model, toy_loader())
+    trainer(callbacks=[Probe(before, dst), dst, Probe(after, dst)], accelerator=device).fit(model, toy_loader())
     assert len(before) == len(after) == len(dst.history) == 7
     union = dense(before[0]["indices"], torch.ones(OUT, FAN_IN, dtype=torch.bool))
     moved = 0
@@ -170,11 +174,12 @@ def test_rewire_moves_connections_keeps_fan_in_and_resets_state_at_regrown_slots
         union |= new_set
         tracker = dst.ever_active["out"]
     assert moved > 0
-    assert torch.equal(tracker.dense(), union)  # ITOP map: every connection ever active
+    assert torch.equal(tracker.dense().cpu(), union)  # ITOP map: every connection ever active
     assert dst.history[-1]["dst/itop_rate"] == pytest.approx(union.sum().item() / (OUT * HIDDEN))
 
 
-def test_gradient_regrowth_grows_the_largest_dense_gradients():
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_gradient_regrowth_grows_the_largest_dense_gradients(device):
     model = ToyMLP()
     dst = DynamicSparseTraining(interval=3, end=1.0, threshold=0.3, regrow="gradient", seed=0)
 
@@ -191,11 +196,12 @@ def test_gradient_regrowth_grows_the_largest_dense_gradients():
                 with torch.enable_grad():
                     weight = pl_module.out.dense_weight().requires_grad_(True)
                     pl_module.loss(self.batch, weight).backward(inputs=[weight])
-                self.grads[trainer.global_step + 1] = weight.grad.clone()
+                self.grads[trainer.global_step + 1] = weight.grad.cpu().clone()
 
     reference = DenseGradient()
     before, after = [], []
-    trainer(callbacks=[reference, Probe(before, dst), dst, Probe(after, dst)]).fit(model, toy_loader())
+    trainer(callbacks=[reference, Probe(before, dst), dst, Probe(after, dst)], accelerator=device).fit(
+        model, toy_loader())
     assert sorted(reference.grads) == [3, 6, 9, 12, 15] == [int(h["step"]) for h in dst.history]
     assert not dst._captures and not model.out._forward_hooks  # hooks only around update steps
     grew = 0

@@ -31,7 +31,7 @@ class Toy(L.LightningModule):
         x, y = batch
         loss = nn.functional.mse_loss(self.head(self.body(self.frozen(x))), y)
         if self.allocate_mib:  # an activation of known size, kept for backward
-            big = torch.ones(self.allocate_mib * (1 << 18), requires_grad=True)
+            big = torch.ones(self.allocate_mib * (1 << 18), device=x.device, requires_grad=True)
             loss = loss + (big * 2.0).sum() * 0.0
         return loss
 
@@ -179,3 +179,21 @@ model:
     assert report["batch_size"] == 16 and dense["fits"] is None
     assert estimate_memory_main(["--config", str(config), "--budget-gib", "0.001"]) == 1  # the sparse head won't fit
     assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_peak_counts_static_bytes_and_a_known_activation(tmp_path):
+    profiler = MemoryProfiler(print_table=False)
+    trainer = L.Trainer(callbacks=[profiler], max_epochs=1, accelerator="gpu", devices=1, default_root_dir=tmp_path,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Toy(allocate_mib=64), toy_loader())
+    report = profiler.report
+    assert report["device"] == "cuda" and report["peak_kind"] == "cuda_max_memory_allocated"
+    body, head = 10 * 20 + 20, 50 * 5 + 50
+    assert report["parts"]["head"]["buffers"] == 50 * 5 * 4 + 8
+    assert report["parts"]["body"]["optimizer"] == 2 * body * 4 + 2 * 4  # Adam keeps `step` on the CPU: 4 bytes
+    assert report["parts"]["head"]["params"] == head * 4
+    # 64 MiB input and its 64 MiB product are alive together in the step: the peak holds both and the static part.
+    assert report["peak_bytes"] >= report["static_bytes"] + 128 * (1 << 20)
+    assert report["activations_bytes_estimate"] == report["peak_bytes"] - report["static_bytes"]
