@@ -128,26 +128,31 @@ def test_masked_mean_matches_loop():
     torch.testing.assert_close(masked_mean(hidden, mask), expected)
 
 
-@pytest.mark.parametrize("pooling,num_layers", [("mean", 1), ("cls", 1), ("cls_concat", 2)])
-def test_transformer_pooling_matches_direct_model(tiny_encoder_dir, pooling, num_layers):
+@pytest.mark.parametrize("pooling,num_layers,layers", [("mean", 1, None), ("cls", 1, None), ("cls_concat", 2, None),
+                                                        ("mean", 1, [-1, 0]), ("cls", 1, [1, -1])])
+def test_transformer_pooling_matches_direct_model(tiny_encoder_dir, pooling, num_layers, layers):
     from transformers import AutoModel
 
     batch = _text_batch(tiny_encoder_dir)
     encoder = TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir)), pooling=pooling,
-                                 num_layers=num_layers).eval()
+                                 num_layers=num_layers, layers=layers).eval()
     reference = AutoModel.from_pretrained(tiny_encoder_dir).eval()
     with torch.no_grad():
         out = reference(**batch, output_hidden_states=True)
         got = encoder(batch)
     mask = batch["attention_mask"]
-    if pooling == "mean":
-        expected = torch.stack([out.last_hidden_state[i, mask[i].bool()].mean(0) for i in range(len(mask))])
-    elif pooling == "cls":
-        expected = out.last_hidden_state[:, 0]
-    else:
-        expected = torch.cat([out.hidden_states[-1][:, 0], out.hidden_states[-2][:, 0]], dim=1)
-    assert encoder.output_dim == 32 * num_layers
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    wanted = layers or ([-1, -2] if pooling == "cls_concat" else [-1])
+    parts = []
+    for layer in wanted:  # naive pooling, document by document
+        state = out.hidden_states[layer]
+        if pooling == "mean":
+            parts.append(torch.stack([state[i, mask[i].bool()].mean(0) for i in range(len(mask))]))
+        else:
+            parts.append(state[:, 0])
+    assert encoder.output_dim == 32 * len(wanted)
+    torch.testing.assert_close(got, torch.cat(parts, dim=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layers"):
+        TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir)), layers=[3])  # 2 layers + embeddings
 
 
 def test_transformer_freezing_and_architecture_only(tiny_encoder_dir):

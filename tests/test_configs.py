@@ -1,0 +1,182 @@
+"""Every shipped config parses and instantiates (hub encoders replaced by the tiny local one), the small ones run a
+``fast_dev_run``, the fragments combine, every key is commented, and the paper configs hold the authors' settings."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from xmc_dst.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+FRAGMENTS = sorted((ROOT / "configs" / "fragments").glob("*.yaml"))
+PAPER = ["wiki10-31k", "amazon-670k", "wiki-500k"]
+SMALL = ["debtags", "bibtex"]
+KEY = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
+
+
+def _config(name: str) -> str:
+    return str(ROOT / "configs" / f"{name}.yaml")
+
+
+def _fragment(name: str) -> str:
+    return str(ROOT / "configs" / "fragments" / f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_raw(tmp_path_factory) -> Path:
+    """A tiny raw-text dataset standing in for the paper's benchmarks (labels are numeric strings, like theirs)."""
+    directory = tmp_path_factory.mktemp("tiny_raw")
+    words = ["python", "game", "network", "data", "file", "library"]
+    for split, count in (("train", 24), ("test", 8)):
+        texts = [f"the {words[i % 6]} {words[(i * 5) % 6]} tool" for i in range(count)]
+        labels = [f"{100 + i % 6} {200 + (i * 5) % 6}" for i in range(count)]
+        (directory / f"{split}_raw_texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+        (directory / f"{split}_labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    groups = np.empty(3, dtype=object)  # the authors' label_group format: label names per cluster
+    groups[0], groups[1], groups[2] = np.array(["100", "101", "200"]), np.array(["102", "103", "201"]), \
+        np.array(["104", "105", "202", "203", "204", "205"])
+    np.save(directory / "label_group0.npy", groups, allow_pickle=True)
+    return directory
+
+
+def _local(tmp: Path, name: str) -> list[str]:
+    """Overrides keeping a run inside ``tmp`` (logs, caches) and on the CPU."""
+    args = ["--trainer.logger.init_args.save_dir", str(tmp / "logs"), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1"]
+    if name != "bibtex":
+        args += ["--data.init_args.cache_dir", str(tmp / "cache")]
+    return args
+
+
+def _paper_overrides(tiny_raw: Path, encoder: Path, tmp: Path, name: str) -> list[str]:
+    args = ["--data.init_args.data_dir", str(tiny_raw), "--data.init_args.tokenizer", str(encoder),
+            "--data.init_args.num_workers", "0", "--data.init_args.num_proc", "1",
+            "--trainer.precision", "32-true", *_local(tmp, name)]
+    if name != "wiki10-31k":
+        args += ["--model.aux_cluster_file", str(tiny_raw / "label_group0.npy")]
+    return args
+
+
+@pytest.mark.parametrize("path", CONFIGS + FRAGMENTS, ids=lambda p: p.name)
+def test_every_key_is_commented(path):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.lstrip().startswith("#") or not KEY.match(line):
+            continue
+        assert "  # " in line, f"{path.name}:{number}: key without a comment: {line.strip()}"
+
+
+def test_the_configs_and_fragments_are_all_here():
+    assert {p.stem for p in CONFIGS} == {"debtags", "bibtex", *PAPER}
+    assert {p.stem for p in FRAGMENTS} >= {"bf16-mixed", "16-mixed", "ddp", "dense-head", "fast-dev-run",
+                                          "overfit-batches"}
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_instantiate_with_a_local_encoder(name, tiny_raw, tiny_encoder_dir, tmp_path):
+    run = cli(["--config", _config(name), *_paper_overrides(tiny_raw, tiny_encoder_dir, tmp_path, name)], run=False)
+    model, data = run.model, run.datamodule
+    assert model.hparams.num_labels == data.num_labels == 12
+    assert model.encoder.location == str(tiny_encoder_dir)
+    assert model.hparams.head == "sparse" and model.head.fan_in == min(model.hparams.fan_in, model.head.in_features)
+    if name == "wiki10-31k":
+        assert model.intermediate[0].out_features == 4096 and model.aux_head is None
+    else:
+        assert model.intermediate is None
+        # the clusters are label names, resolved against the data's vocabulary in setup()
+        assert model.aux_head.out_features == 3 and model._clusters_pending
+        model._trainer = SimpleNamespace(datamodule=data)  # what setup() reads of the trainer
+        model.setup("fit")
+        names = data.label_names
+        expected = [0 if n in ("100", "101", "200") else 1 if n in ("102", "103", "201") else 2 for n in names]
+        assert model.label_clusters.tolist() == expected
+
+
+# The authors' settings (their code where paper and code differ), per config.
+AUTHORS = {
+    "wiki10-31k": dict(pooling="mean", max_length=128, batch_size=32, dropout=0.6, intermediate_dim=4096, fan_in=64,
+                       epochs=100, lrs=(1e-5, 1e-2, 5e-4, 1e-2), a=0.55, b=1.5, aux=False),
+    "amazon-670k": dict(pooling="cls", max_length=128, batch_size=64, dropout=0.6, intermediate_dim=0, fan_in=128,
+                        epochs=110, lrs=(1e-5, 2e-4, 5e-4, 1e-2), a=0.6, b=2.6, aux=True),
+    "wiki-500k": dict(pooling="mean", max_length=128, batch_size=128, dropout=0.5, intermediate_dim=0, fan_in=128,
+                      epochs=50, lrs=(5e-5, 2e-4, 5e-4, 5e-2), a=0.5, b=0.4, aux=True),
+}
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_hold_the_authors_settings(name):
+    config = yaml.safe_load(Path(_config(name)).read_text(encoding="utf-8"))
+    want = AUTHORS[name]
+    model, data, trainer = config["model"], config["data"]["init_args"], config["trainer"]
+    encoder = model["encoder"]["init_args"]
+    assert data["tokenizer"] == "bert-base-uncased" and encoder["pooling"] == want["pooling"]
+    assert data["max_length"] == want["max_length"] and data["batch_size"] == want["batch_size"]
+    assert encoder["dropout"] == want["dropout"] and model["intermediate_dim"] == want["intermediate_dim"]
+    assert model["intermediate_activation"] == "identity"
+    assert model["fan_in"] == want["fan_in"] and model["head"] == "sparse"
+    assert model["loss"] == "squared_hinge" and model["loss_reduction"] == "auto"
+    assert model["encoder_optimizer"] == model["head_optimizer"] == "adamw"
+    lrs = (model["encoder_lr"], model["intermediate_lr"], model["aux_lr"], model["head_lr"])
+    assert lrs == pytest.approx(want["lrs"])
+    assert model["encoder_weight_decay"] == 0.01 and model["head_weight_decay"] == 1e-4
+    assert model["warmup_steps"] == 1000 and model["lr_schedule"] == "cosine"
+    assert config["seed_everything"] == 42 and config["monitor"] == "val/P@3"
+    assert trainer["max_epochs"] == want["epochs"] and trainer["precision"] == "16-mixed"
+    assert (data["propensity_a"], data["propensity_b"]) == (want["a"], want["b"])
+    assert bool(model["aux_cluster_file"]) == want["aux"]
+    assert "callbacks" not in trainer  # the DST/auxiliary callbacks stay commented out until they exist
+    text = Path(_config(name)).read_text(encoding="utf-8")
+    assert "#   - class_path: callbacks.DynamicSparseTraining" in text
+    assert ("callbacks.AuxiliaryObjective" in text) == want["aux"]
+
+
+def test_debtags_fast_dev_run_with_the_shipped_encoder(tmp_path, capsys):
+    run = cli(["fit", "--config", _config("debtags"), "--config", _fragment("fast-dev-run"), *_local(tmp_path, "d")])
+    model, data = run.model, run.datamodule
+    assert type(data).__name__ == "Debtags" and model.hparams.num_labels == 595
+    assert model.hparams.tokenizer == data.tokenizer_name and Path(data.tokenizer_name).is_dir()
+    assert run.trainer.global_step == 1
+    assert "test/P@1" in run.trainer.callback_metrics and "test/PSP@5" in run.trainer.callback_metrics
+    assert "Test Debtags" in capsys.readouterr().out
+
+
+def test_bibtex_fast_dev_run_and_overfit_fragment(tmp_path):
+    run = cli(["fit", "--config", _config("bibtex"), "--config", _fragment("fast-dev-run"),
+               *_local(tmp_path, "bibtex")])
+    assert run.model.hparams.num_features == 1836 and run.model.hparams.num_labels == 159
+    assert run.model.encoder.num_features == 1836
+    assert "test/P@1" in run.trainer.callback_metrics
+    run = cli(["fit", "--config", _config("bibtex"), "--config", _fragment("overfit-batches"),
+               *_local(tmp_path, "bibtex"), "--test_after_fit", "false", "--trainer.enable_progress_bar", "false"])
+    rows = list(csv.DictReader((Path(run.trainer.log_dir) / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert run.trainer.global_step == 80 and len(losses) == 80
+    assert losses[-1] < 0.2 * losses[0]  # it fits its 2 batches
+
+
+def test_fragments_combine(tiny_raw, tiny_encoder_dir, tmp_path):
+    base = ["--config", _config("wiki10-31k"), *_paper_overrides(tiny_raw, tiny_encoder_dir, tmp_path, "wiki10-31k")]
+    dense = cli([*base, "--config", _fragment("dense-head"), "--trainer.precision", "32-true"], run=False)
+    assert isinstance(dense.model.head, torch.nn.Linear) and dense.model.head.out_features == 12
+    bf16 = cli([*base, "--config", _fragment("bf16-mixed")], run=False)
+    assert bf16.trainer.precision == "bf16-mixed"
+    ddp = cli([*base, "--config", _fragment("ddp"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+               "--trainer.precision", "32-true"], run=False)
+    assert type(ddp.trainer.strategy).__name__ == "DDPStrategy" and ddp.trainer.num_devices == 2
+    fp16 = yaml.safe_load(Path(_fragment("16-mixed")).read_text(encoding="utf-8"))
+    assert fp16 == {"trainer": {"precision": "16-mixed"}}
+
+
+@pytest.mark.gpu
+def test_fp16_fragment_instantiates_on_gpu(tiny_raw, tiny_encoder_dir, tmp_path):
+    base = ["--config", _config("wiki10-31k"), *_paper_overrides(tiny_raw, tiny_encoder_dir, tmp_path, "wiki10-31k")]
+    run = cli([*base, "--config", _fragment("16-mixed"), "--trainer.accelerator", "gpu"], run=False)
+    assert run.trainer.precision == "16-mixed"
