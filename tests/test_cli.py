@@ -139,11 +139,25 @@ def test_bf16_mixed_precision_on_cpu(tiny_data, tiny_encoder_dir, tmp_path):
 
 
 @pytest.mark.gpu
-def test_fp16_mixed_precision_with_clipping_on_gpu(tiny_data, tiny_encoder_dir, tmp_path):
-    run = cli(["fit", *base_args(tiny_data, tiny_encoder_dir, tmp_path), "--trainer.fast_dev_run", "2",
-               "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "16-mixed",
-               "--trainer.gradient_clip_val", "1.0"])
-    assert run.trainer.global_step == 2
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_fit_and_inference_on_gpu(tiny_data, tiny_encoder_dir, tmp_path, precision):
+    args = base_args(tiny_data, tiny_encoder_dir, tmp_path, "--trainer.accelerator", "gpu", "--trainer.devices", "1")
+    run = cli(["fit", *args, "--trainer.max_epochs", "16", "--test_after_fit", "true", "--trainer.precision",
+               precision, "--trainer.accumulate_grad_batches", "2", "--trainer.gradient_clip_val", "1.0"])
+    assert run.trainer.global_step == 16 * 3
+    assert run.model.head.resolved_impl(torch.device("cuda")) == "csr"  # the sparse head's CUDA path was used
+    assert float(run.trainer.callback_metrics["test/P@1"]) > 60.0
+
+    from xmc_dst.inference import Predictor
+
+    best = run.trainer.checkpoint_callback.best_model_path
+    on_gpu = Predictor.from_checkpoint(best, device="cuda")
+    on_cpu = Predictor.from_checkpoint(best, device="cpu")
+    texts = ["python library the tool", "game network", "data file data"]
+    gpu_scores, gpu_ids = on_gpu.topk(texts, k=3)
+    cpu_scores, cpu_ids = on_cpu.topk(texts, k=3)
+    assert torch.equal(gpu_ids, cpu_ids)
+    torch.testing.assert_close(gpu_scores, cpu_scores, rtol=1e-3, atol=1e-4)
 
 
 def test_main_dispatches_extra_subcommands(monkeypatch, capsys):

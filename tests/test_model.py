@@ -72,6 +72,35 @@ def test_mixed_groups_update_like_two_torch_optimizers():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.gpu
+def test_groupwise_optimizer_on_cuda_matches_torch():
+    def run(factory):
+        params = [nn.Parameter(p.float().cuda()) for p in _params(3)]
+        optimizer = factory(params)
+        g = torch.Generator().manual_seed(7)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).cuda()
+            optimizer.step()
+        return [p.detach().cpu() for p in params]
+
+    ours = run(lambda ps: GroupwiseOptimizer([{"params": ps[:2], "algorithm": "adamw", "lr": 0.01,
+                                               "weight_decay": 0.01},
+                                              {"params": ps[2:], "algorithm": "sgd", "lr": 0.1, "momentum": 0.9}]))
+
+    class Two:
+        def __init__(self, ps):
+            self.a = torch.optim.AdamW(ps[:2], lr=0.01, weight_decay=0.01)
+            self.b = torch.optim.SGD(ps[2:], lr=0.1, momentum=0.9)
+
+        def step(self):
+            self.a.step()
+            self.b.step()
+
+    for a, b in zip(ours, run(Two), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_optimizer_state_roundtrip_and_names():
     params = [nn.Parameter(p) for p in _params(1)]
     opt = GroupwiseOptimizer([{"params": params[:2], "algorithm": "adamw"},
