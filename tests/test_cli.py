@@ -165,6 +165,10 @@ def test_main_dispatches_extra_subcommands(monkeypatch, capsys):
     monkeypatch.setattr(cli_module, "EXTRA_SUBCOMMANDS", dict(EXTRA_SUBCOMMANDS))
     register_subcommand("echo-args", lambda argv: seen.append(argv) or 3, "print the arguments")
     assert main(["echo-args", "--x", "1"]) == 3 and seen == [["--x", "1"]]
+    register_subcommand("lazy-len", "builtins:len")  # imported when it runs
+    assert main(["lazy-len", "a", "b"]) == 2
+    with pytest.raises(ValueError, match="module:function"):
+        register_subcommand("bad", "builtins.len")
     with pytest.raises(ValueError):
         register_subcommand("fit", lambda argv: 0)
     with pytest.raises(SystemExit) as exit_info:

@@ -10,12 +10,15 @@ written twice. Every run logs to CSV (``<save_dir>/<name>/version_<n>/metrics.cs
 ends ``test``/``validate`` with a rich table of the metrics. Model selection and early stopping follow ``monitor``
 (default ``val/P@3``, as the authors).
 
-Further subcommands that are not Lightning's (e.g. a memory estimate) register in :data:`EXTRA_SUBCOMMANDS`
-(``name -> (function(argv) -> exit status, one-line help)``); :func:`main` dispatches them before the LightningCLI.
+Further subcommands that are not Lightning's (e.g. a memory estimate) go in :data:`EXTRA_SUBCOMMANDS`, directly
+or with :func:`register_subcommand`: ``name -> (function, one-line help)``, where the function takes the remaining
+arguments and returns an exit status, and may be given as ``"module:function"`` so that it is imported only when
+its subcommand runs. :func:`main` dispatches them before the LightningCLI.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,14 +39,25 @@ TRAINER_DEFAULTS: dict[str, Any] = {
                "init_args": {"save_dir": "logs", "name": "xmc-dst"}},
 }
 
-EXTRA_SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {}
+Subcommand = Callable[[list[str]], "int | None"]
+EXTRA_SUBCOMMANDS: dict[str, tuple[Subcommand | str, str]] = {}
 
 
-def register_subcommand(name: str, function: Callable[[list[str]], int | None], help: str = "") -> None:
-    """Add a non-Lightning subcommand: ``xmc-dst <name> ...`` calls ``function(remaining argv)``."""
+def register_subcommand(name: str, function: Subcommand | str, help: str = "") -> None:
+    """Add a non-Lightning subcommand: ``xmc-dst <name> ...`` calls ``function(remaining argv)``; ``function`` may
+    be a ``"module:function"`` string, imported when the subcommand runs."""
     if name in XMCLightningCLI.subcommands():
         raise ValueError(f"{name!r} is a Lightning subcommand")
+    if isinstance(function, str) and ":" not in function:
+        raise ValueError(f"expected 'module:function', got {function!r}")
     EXTRA_SUBCOMMANDS[name] = (function, help)
+
+
+def _resolve_subcommand(function: Subcommand | str) -> Subcommand:
+    if isinstance(function, str):
+        module, _, attribute = function.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    return function
 
 
 def _tokenizer_of(data: Any) -> str | None:
@@ -171,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         function, _ = EXTRA_SUBCOMMANDS[argv[0]]
-        return int(function(argv[1:]) or 0)
+        return int(_resolve_subcommand(function)(argv[1:]) or 0)
     if EXTRA_SUBCOMMANDS and argv and argv[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<16} {help}" for name, (_, help) in sorted(EXTRA_SUBCOMMANDS.items()))
         print(f"Further subcommands:\n{extra}\n")
