@@ -100,7 +100,11 @@ class XMCLightningCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_data", True)
-        super().__init__(*args, **kwargs)
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("prog", "xmc-dst")
+        parser_kwargs.setdefault("description", "Extreme multi-label text classification with fixed fan-in sparse "
+                                                "heads (dynamic sparse training).")
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--monitor", type=str, default=DEFAULT_MONITOR,
@@ -142,7 +146,7 @@ class XMCLightningCLI(LightningCLI):
 
     def fit(self, **kwargs: Any) -> None:
         self.trainer.fit(**kwargs)
-        if self._get(self.config, "test_after_fit", default=False):
+        if self._get(self.config, "test_after_fit", default=False) and not self.trainer.interrupted:
             callback = self.trainer.checkpoint_callback
             best = getattr(callback, "best_model_path", "") if callback is not None else ""
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None,
@@ -182,14 +186,15 @@ def cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> X
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xmc-dst`` and ``python -m xmc_dst``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    given = argv is not None
+    argv = list(argv if given else sys.argv[1:])
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         function, _ = EXTRA_SUBCOMMANDS[argv[0]]
         return int(_resolve_subcommand(function)(argv[1:]) or 0)
     if EXTRA_SUBCOMMANDS and argv and argv[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<16} {help}" for name, (_, help) in sorted(EXTRA_SUBCOMMANDS.items()))
         print(f"Further subcommands:\n{extra}\n")
-    cli(argv)
+    cli(argv if given else None)  # None: LightningCLI reads sys.argv itself
     return 0
 
 

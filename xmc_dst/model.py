@@ -242,6 +242,7 @@ class XMCModule(L.LightningModule):
         self.test_metrics: XMCMetrics | None = None
         self._filter_pairs: Tensor | None = None
         self._filter_on_val = False
+        self.last_test_metrics: dict[str, float] = {}
 
     def _make_hparams_portable(self, encoder: Any) -> None:
         """Outside the CLI, store the encoder factory as a class_path dict so that checkpoints hold only plain data
@@ -315,6 +316,8 @@ class XMCModule(L.LightningModule):
 
         The optimizer keeps an empty ``aux`` group, so that optimizer checkpoints keep their layout; a checkpoint
         saved afterwards has no ``aux_head`` weights, and loading it removes the head first (``on_load_checkpoint``).
+        Under DDP the wrapper still expects gradients for the removed parameters: train with
+        ``strategy: ddp_find_unused_parameters_true`` when the head is removed mid-run.
         """
         if self.aux_head is None:
             return
