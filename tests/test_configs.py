@@ -148,6 +148,16 @@ def test_debtags_fast_dev_run_with_the_shipped_encoder(tmp_path, capsys):
     assert "Test Debtags" in capsys.readouterr().out
 
 
+def test_debtags_config_on_any_raw_text_directory(tiny_raw, tmp_path):
+    """Another data folder in the raw-text layout: the label count comes from its files, the rest from the yaml."""
+    run = cli(["--config", _config("debtags"), "--data", "datamodules.RawTextXMCDataModule",
+               "--data.data_dir", str(tiny_raw), *_local(tmp_path, "raw")], run=False)
+    data, model = run.datamodule, run.model
+    assert type(data).__name__ == "RawTextXMCDataModule" and data.max_length == 32 and data.batch_size == 64
+    assert model.hparams.num_labels == data.num_labels == 12 and model.head.out_features == 12
+    assert model.hparams.tokenizer == data.tokenizer_name  # the shipped MiniLM, the DataModule's default
+
+
 def test_bibtex_fast_dev_run_and_overfit_fragment(tmp_path):
     run = cli(["fit", "--config", _config("bibtex"), "--config", _fragment("fast-dev-run"),
                *_local(tmp_path, "bibtex")])
