@@ -87,6 +87,8 @@ def test_paper_configs_instantiate_with_a_local_encoder(name, tiny_raw, tiny_enc
     assert model.hparams.num_labels == data.num_labels == 12
     assert model.encoder.location == str(tiny_encoder_dir)
     assert model.hparams.head == "sparse" and model.head.fan_in == min(model.hparams.fan_in, model.head.in_features)
+    kinds = {type(cb).__name__ for cb in run.trainer.callbacks}
+    assert "DynamicSparseTraining" in kinds and ("AuxiliaryObjective" in kinds) == (name != "wiki10-31k")
     if name == "wiki10-31k":
         assert model.intermediate[0].out_features == 4096 and model.aux_head is None
     else:
@@ -103,11 +105,14 @@ def test_paper_configs_instantiate_with_a_local_encoder(name, tiny_raw, tiny_enc
 # The authors' settings (their code where paper and code differ), per config.
 AUTHORS = {
     "wiki10-31k": dict(pooling="mean", max_length=128, batch_size=32, dropout=0.6, intermediate_dim=4096, fan_in=64,
-                       epochs=100, lrs=(1e-5, 1e-2, 5e-4, 1e-2), a=0.55, b=1.5, aux=False),
+                       epochs=100, lrs=(1e-5, 1e-2, 5e-4, 1e-2), a=0.55, b=1.5, interval=300, threshold=0.01,
+                       aux=None),
     "amazon-670k": dict(pooling="cls", max_length=128, batch_size=64, dropout=0.6, intermediate_dim=0, fan_in=128,
-                        epochs=110, lrs=(1e-5, 2e-4, 5e-4, 1e-2), a=0.6, b=2.6, aux=True),
+                        epochs=110, lrs=(1e-5, 2e-4, 5e-4, 1e-2), a=0.6, b=2.6, interval=800, threshold=0.01,
+                        aux=(0.4, 15)),
     "wiki-500k": dict(pooling="mean", max_length=128, batch_size=128, dropout=0.5, intermediate_dim=0, fan_in=128,
-                      epochs=50, lrs=(5e-5, 2e-4, 5e-4, 5e-2), a=0.5, b=0.4, aux=True),
+                      epochs=50, lrs=(5e-5, 2e-4, 5e-4, 5e-2), a=0.5, b=0.4, interval=600, threshold=0.05,
+                      aux=(0.4, 8)),
 }
 
 
@@ -131,11 +136,16 @@ def test_paper_configs_hold_the_authors_settings(name):
     assert config["seed_everything"] == 42 and config["monitor"] == "val/P@3"
     assert trainer["max_epochs"] == want["epochs"] and trainer["precision"] == "16-mixed"
     assert (data["propensity_a"], data["propensity_b"]) == (want["a"], want["b"])
-    assert bool(model["aux_cluster_file"]) == want["aux"]
-    assert "callbacks" not in trainer  # the DST/auxiliary callbacks stay commented out until they exist
-    text = Path(_config(name)).read_text(encoding="utf-8")
-    assert "#   - class_path: callbacks.DynamicSparseTraining" in text
-    assert ("callbacks.AuxiliaryObjective" in text) == want["aux"]
+    assert bool(model["aux_cluster_file"]) == bool(want["aux"])
+    callbacks = {c["class_path"]: c["init_args"] for c in trainer["callbacks"]}
+    dst = callbacks["callbacks.DynamicSparseTraining"]
+    assert (dst["interval"], dst["end"], dst["prune"], dst["regrow"]) == (want["interval"], 0.66, "threshold", "random")
+    assert (dst["threshold"], dst["threshold_floor"]) == (want["threshold"], 1e-4)
+    if want["aux"]:
+        aux = callbacks["callbacks.AuxiliaryObjective"]
+        assert (aux["alpha"], aux["cutoff_epoch"]) == want["aux"]
+    else:
+        assert "callbacks.AuxiliaryObjective" not in callbacks
 
 
 def test_debtags_fast_dev_run_with_the_shipped_encoder(tmp_path, capsys):
@@ -176,6 +186,7 @@ def test_fragments_combine(tiny_raw, tiny_encoder_dir, tmp_path):
     base = ["--config", _config("wiki10-31k"), *_paper_overrides(tiny_raw, tiny_encoder_dir, tmp_path, "wiki10-31k")]
     dense = cli([*base, "--config", _fragment("dense-head"), "--trainer.precision", "32-true"], run=False)
     assert isinstance(dense.model.head, torch.nn.Linear) and dense.model.head.out_features == 12
+    assert not any(type(cb).__name__ == "DynamicSparseTraining" for cb in dense.trainer.callbacks)
     bf16 = cli([*base, "--config", _fragment("bf16-mixed")], run=False)
     assert bf16.trainer.precision == "bf16-mixed"
     ddp = cli([*base, "--config", _fragment("ddp"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
