@@ -43,7 +43,8 @@ class AuxiliaryModule(Protocol):
 
     * ``aux_head``: the meta-classifier module, ``None`` once removed;
     * ``aux_alpha``: float weight of the auxiliary loss, read by ``training_step`` to form
-      ``(1 - aux_alpha) * main + aux_alpha * aux`` (and to skip the auxiliary forward when 0);
+      ``(1 - aux_alpha) * main + aux_alpha * aux`` (a module may skip the auxiliary forward at 0;
+      ``XMCModule`` keeps it while the head exists, so that DDP sees a gradient for every parameter);
     * ``remove_aux_head()``: drop the head, its parameters from every optimizer (state included);
     * ``set_label_clusters(assignment)``: install a label -> cluster int64 assignment [num_labels]
       (needed only when the callback reads or builds clusters); ``label_clusters``, the current assignment.
