@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from callbacks import AuxiliaryModule, AuxiliaryObjective
 from callbacks.clusters import balanced_kmeans_tree, label_embeddings, load_cluster_file
+from xmc_dst.optim import drop_parameters
 from xmc_dst.sparse import FixedFanInLinear
 
 GROUPS, LABELS_PER_GROUP, FEATURES_PER_GROUP = 4, 8, 10
@@ -77,12 +78,7 @@ class ToyAux(L.LightningModule):
         self.label_clusters = clusters.long()
 
     def remove_aux_head(self) -> None:
-        params = {id(p) for p in self.aux_head.parameters()}
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in params]
-            for p in [p for p in optimizer.state if id(p) in params]:
-                del optimizer.state[p]
+        drop_parameters(self.trainer.optimizers, self.aux_head.parameters())
         self.aux_head = None
 
     def training_step(self, batch, batch_idx):

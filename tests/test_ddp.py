@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import AuxiliaryObjective, DynamicSparseTraining
+from xmc_dst.optim import drop_parameters
 from xmc_dst.sparse import FixedFanInLinear
 
 IN, HIDDEN, OUT, CLUSTERS = 10, 24, 40, 4
@@ -35,12 +36,7 @@ class DDPToy(L.LightningModule):
         self.aux_alpha = 0.0
 
     def remove_aux_head(self) -> None:
-        params = {id(p) for p in self.aux_head.parameters()}
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in params]
-            for p in [p for p in optimizer.state if id(p) in params]:
-                del optimizer.state[p]
+        drop_parameters(self.trainer.optimizers, self.aux_head.parameters())
         self.aux_head = None
 
     def training_step(self, batch, batch_idx):

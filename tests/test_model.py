@@ -501,3 +501,17 @@ def test_hparams_are_portable_for_python_built_modules(tiny_encoder_dir):
                                          "init_args": {"pooling": "cls"}}
     assert module.encoder.pooling == "cls" and module.head.out_features == 7
     assert math.isclose(module.hparams["encoder_lr"], 1e-5)
+
+
+def test_drop_parameters_removes_groups_entries_and_state() -> None:
+    from xmc_dst.optim import drop_parameters
+
+    keep, gone = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)
+    opt_a = torch.optim.Adam([{"params": keep.parameters()}, {"params": gone.parameters()}])
+    opt_b = torch.optim.SGD(gone.parameters(), lr=0.1, momentum=0.9)
+    (keep(torch.ones(1, 3)).sum() + gone(torch.ones(1, 3)).sum()).backward()
+    opt_a.step()
+    opt_b.step()
+    assert drop_parameters([opt_a, opt_b], gone.parameters()) == 4
+    assert [len(g["params"]) for g in opt_a.param_groups] == [2, 0] and opt_b.param_groups[0]["params"] == []
+    assert set(map(id, opt_a.state)) == set(map(id, keep.parameters())) and not opt_b.state

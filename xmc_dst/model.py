@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation
 from xmc_dst.losses import LossName, Reduction, bce_with_logits, rows_of, xmc_loss
 from xmc_dst.metrics import XMCMetrics, inverse_propensity, mask_reciprocal_logits
-from xmc_dst.optim import Algorithm, GroupwiseOptimizer, Schedule, schedule_lambda, split_no_decay
+from xmc_dst.optim import Algorithm, GroupwiseOptimizer, Schedule, drop_parameters, schedule_lambda, split_no_decay
 from xmc_dst.sparse import FixedFanInLinear
 
 log = logging.getLogger(__name__)
@@ -321,15 +321,8 @@ class XMCModule(L.LightningModule):
         """
         if self.aux_head is None:
             return
-        params = {id(p) for p in self.aux_head.parameters()}
         if self._trainer is not None:
-            for optimizer in self.trainer.optimizers:
-                for group in optimizer.param_groups:
-                    kept = [p for p in group["params"] if id(p) not in params]
-                    for p in group["params"]:
-                        if id(p) in params:
-                            optimizer.state.pop(p, None)
-                    group["params"] = kept
+            drop_parameters(self.trainer.optimizers, self.aux_head.parameters())
         self.aux_head = None
         self.aux_alpha = 0.0
 

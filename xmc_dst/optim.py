@@ -28,7 +28,7 @@ Schedule = Literal["cosine", "linear", "constant"]
 ALGORITHMS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
-__all__ = ["GroupwiseOptimizer", "schedule_lambda", "split_no_decay", "NO_DECAY_KEYS"]
+__all__ = ["GroupwiseOptimizer", "drop_parameters", "schedule_lambda", "split_no_decay", "NO_DECAY_KEYS"]
 
 # Parameter names that get no weight decay (the authors': bias, LayerNorm.weight, LayerNorm.bias); any parameter
 # with fewer than two dimensions is exempt too, which covers other spellings of norm layers.
@@ -157,3 +157,20 @@ def split_no_decay(named_params: Iterable[tuple[str, Tensor]],
             continue
         (no_decay if param.ndim < 2 or any(key in name for key in keys) else decay).append(param)
     return decay, no_decay
+
+
+def drop_parameters(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[Tensor]) -> int:
+    """Remove ``params`` from every optimizer: from its parameter groups and from its state, so that the tensors can
+    be freed (what an auxiliary head's removal needs). Empty groups stay, keeping the optimizer's layout for
+    checkpoints. Returns how many (optimizer, parameter) entries were removed."""
+    gone = {id(p) for p in params}
+    removed = 0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            kept = [p for p in group["params"] if id(p) not in gone]
+            removed += len(group["params"]) - len(kept)
+            for p in group["params"]:
+                if id(p) in gone:
+                    optimizer.state.pop(p, None)
+            group["params"] = kept
+    return removed
