@@ -8,6 +8,14 @@ nothing. In a LightningCLI yaml: ``trainer.callbacks: [{class_path: callbacks.Dy
 
 from callbacks.auxiliary import AuxiliaryModule, AuxiliaryObjective
 from callbacks.dst import DynamicSparseTraining
+from callbacks.guard import FiniteLossGuard, NonFiniteLossError
 from callbacks.memory import MemoryProfiler
 
-__all__ = ["AuxiliaryModule", "AuxiliaryObjective", "DynamicSparseTraining", "MemoryProfiler"]
+__all__ = [
+    "AuxiliaryModule",
+    "AuxiliaryObjective",
+    "DynamicSparseTraining",
+    "FiniteLossGuard",
+    "MemoryProfiler",
+    "NonFiniteLossError",
+]
