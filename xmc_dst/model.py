@@ -449,6 +449,16 @@ class XMCModule(L.LightningModule):
         checkpoint["data_info"] = dict(self.data_info)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights are loaded: a checkpoint of another label space fails here with the fix, not later
+        # with a tensor size mismatch.
+        saved_head = checkpoint.get("state_dict", {}).get("head.weight")
+        if saved_head is not None and tuple(saved_head.shape) != tuple(self.head.weight.shape):
+            saved_labels, labels = saved_head.shape[0], self.head.weight.shape[0]
+            what = (f"{saved_labels} labels, this run has {labels}" if saved_labels != labels else
+                    f"a head of shape {tuple(saved_head.shape)}, this run builds {tuple(self.head.weight.shape)} "
+                    "(fan_in, intermediate_dim or head type differ)")
+            raise ValueError(f"the checkpoint was trained with {what}: resume on the data and model settings it was "
+                             "trained with, or start a new run without --ckpt_path")
         self.label_names = checkpoint.get("label_names")
         self.data_info = dict(checkpoint.get("data_info") or {})
         state = checkpoint.get("state_dict", {})
