@@ -10,6 +10,7 @@ from callbacks.auxiliary import AuxiliaryModule, AuxiliaryObjective
 from callbacks.dst import DynamicSparseTraining
 from callbacks.guard import FiniteLossGuard, NonFiniteLossError
 from callbacks.memory import MemoryProfiler
+from callbacks.oom import OutOfMemoryAdvice, OutOfMemoryAdvisor
 
 __all__ = [
     "AuxiliaryModule",
@@ -18,4 +19,6 @@ __all__ = [
     "FiniteLossGuard",
     "MemoryProfiler",
     "NonFiniteLossError",
+    "OutOfMemoryAdvice",
+    "OutOfMemoryAdvisor",
 ]

@@ -73,6 +73,9 @@ def test_links_flow_data_to_model(tiny_data, tiny_encoder_dir, tmp_path):
     assert model.hparams.tokenizer == data.tokenizer_name == str(tiny_encoder_dir)
     assert model.encoder.location == str(tiny_encoder_dir)
     assert model.hparams.num_features is None
+    from callbacks import OutOfMemoryAdvisor
+
+    assert sum(isinstance(cb, OutOfMemoryAdvisor) for cb in run.trainer.callbacks) == 1  # on by default
     assert run.trainer.checkpoint_callback.monitor == "val/P@3"
     stopping = [cb for cb in run.trainer.callbacks if type(cb).__name__ == "EarlyStopping"]
     assert stopping and stopping[0].monitor == "val/P@3" and stopping[0].mode == "max"

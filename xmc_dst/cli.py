@@ -27,6 +27,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.oom import OutOfMemoryAdvisor
 from datamodules.base import XMCDataModule
 from xmc_dst.inference import JsonLinesPredictionWriter
 from xmc_dst.model import XMCModule
@@ -128,6 +129,8 @@ class XMCLightningCLI(LightningCLI):
         })
         parser.link_arguments("monitor", "early_stopping.monitor")
         parser.add_lightning_class_args(JsonLinesPredictionWriter, "prediction_writer")
+        # Always on: an out-of-memory error is re-raised with the breakdown by part and the knob to turn.
+        parser.add_lightning_class_args(OutOfMemoryAdvisor, "oom_advisor")
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data", "model.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
         parser.link_arguments("data", "model.num_features", compute_fn=_num_features_of, apply_on="instantiate")
