@@ -52,3 +52,18 @@ def test_other_errors_pass_through() -> None:
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     with pytest.raises(KeyError, match="not memory"):
         trainer.fit(Broken(), data)
+
+
+@pytest.mark.gpu
+def test_real_cuda_oom_reports_activations_and_device() -> None:
+    class Greedy(Toy):
+        def training_step(self, batch, batch_idx):
+            free, _ = torch.cuda.mem_get_info()
+            torch.empty(2 * free, dtype=torch.uint8, device="cuda")  # more than the card has left
+            return super().training_step(batch, 0)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 8)), batch_size=4)
+    trainer = L.Trainer(max_epochs=1, callbacks=[OutOfMemoryAdvisor()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="gpu", devices=1)
+    with pytest.raises(OutOfMemoryAdvice, match=r"(?s)activations \(peak .* GiB minus static\).*device .* GiB"):
+        trainer.fit(Greedy(), data)
