@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xmc_dst.sparse import RewireResult
+from xmc_dst.sparse import RewireResult, commit_topology
 
 # Elements of one [labels, in] block of the dense gradient: 2**24 fp32 values are 64 MB.
 GRADIENT_CHUNK_ELEMENTS = 1 << 24
@@ -66,11 +66,7 @@ def apply_regrowth(weight: Tensor, indices: Tensor, pruned: Tensor, candidates: 
         if candidates.shape[1] else torch.zeros_like(rank)
     merged = torch.where(pruned, chosen, indices.long())
     sorted_idx, permutation = merged.sort(dim=1)
-    regrown = pruned.gather(1, permutation)
-    new_weight = weight.gather(1, permutation).masked_fill_(regrown, 0.0)
-    weight.copy_(new_weight)
-    indices.copy_(sorted_idx.to(indices.dtype))
-    return RewireResult(regrown=regrown, permutation=permutation, num_pruned=int(pruned.sum()))
+    return commit_topology(weight, indices, pruned, sorted_idx, permutation)
 
 
 class EverActive:

@@ -348,17 +348,12 @@ class FixedFanInLinear(nn.Module):
             raise ValueError(f"init must be 'zero' or 'uniform', got {init!r}")
         prune = prune_mask(self.weight, mode, amount, max_per_row=self.in_features - self.fan_in)
         sorted_idx, permutation = regrow(self.indices, prune, self.in_features, generator)
-        regrown = prune.gather(1, permutation)
-        new_weight = self.weight.gather(1, permutation)
-        if init == "zero":
-            new_weight.masked_fill_(regrown, 0.0)
-        else:
+        result = commit_topology(self.weight, self.indices, prune, sorted_idx, permutation)
+        if init == "uniform":
             fresh = _uniform(self.weight.shape, 1.0 / math.sqrt(self.fan_in), generator, self.weight)
-            new_weight = torch.where(regrown, fresh, new_weight)
-        self.weight.copy_(new_weight)
-        self.indices.copy_(sorted_idx)
+            self.weight.copy_(torch.where(result.regrown, fresh, self.weight))
         self.topology_version += 1
-        return RewireResult(regrown=regrown, permutation=permutation, num_pruned=int(prune.sum()))
+        return result
 
     def reset_optimizer_state(self, optimizer: torch.optim.Optimizer, result: RewireResult) -> int:
         """Move this layer's optimizer state with its connections and zero it at regrown slots (see module helper)."""
@@ -479,6 +474,17 @@ def _regrow_torch(indices: Tensor, pruned: Tensor, in_features: int, generator: 
             need = need[~free]
     sorted_indices, permutation = merged.view(rows, k).sort(dim=1)
     return sorted_indices.to(INDEX_DTYPE), permutation
+
+
+@torch.no_grad()
+def commit_topology(weight: Tensor, indices: Tensor, pruned: Tensor, sorted_indices: Tensor,
+                    permutation: Tensor) -> RewireResult:
+    """Write re-sorted rows in place: ``indices`` becomes ``sorted_indices``, every weight follows its connection
+    (``weight[r, j] = weight[r, permutation[r, j]]``) and the slots that came from ``pruned`` ones start at zero."""
+    regrown = pruned.gather(1, permutation)
+    weight.copy_(weight.gather(1, permutation).masked_fill_(regrown, 0.0))
+    indices.copy_(sorted_indices.to(indices.dtype))
+    return RewireResult(regrown=regrown, permutation=permutation, num_pruned=int(pruned.sum()))
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, result: RewireResult) -> int:
