@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from callbacks.clusters import balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
+from callbacks.clusters import CLUSTER_FIX, balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class AuxiliaryObjective(L.Callback):
             raise ValueError("set exactly one of cutoff_epoch and cutoff_step")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if cluster_file and not Path(cluster_file).expanduser().is_file():  # fail when the config is read
+            raise FileNotFoundError(f"AuxiliaryObjective: cluster_file {cluster_file} does not exist; {CLUSTER_FIX}")
         self.alpha, self.cutoff_epoch, self.cutoff_step = alpha, cutoff_epoch, cutoff_step
         self.cluster_file, self.build_clusters, self.num_clusters = cluster_file, build_clusters, num_clusters
         self.embedding_dim, self.kmeans_iterations, self.cache_dir, self.seed = (embedding_dim, kmeans_iterations,

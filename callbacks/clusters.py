@@ -31,27 +31,70 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["balanced_kmeans_tree", "label_embeddings", "load_cluster_file", "save_assignment"]
+__all__ = ["ClusterFileError", "ClusterNamesNeeded", "balanced_kmeans_tree", "count_clusters", "label_embeddings",
+           "load_cluster_file", "save_assignment"]
 
 # Label rows gathered before one scatter into the label embeddings (1 << 16 rows x 128 dims: 32 MB).
 FLUSH_ROWS = 1 << 16
 
 
+class ClusterFileError(ValueError):
+    """A label-cluster file that does not fit the data's labels (raised before training starts)."""
+
+
+class ClusterNamesNeeded(ClusterFileError, LookupError):
+    """The file lists label names, and the data's label names were not given (resolve it once they are known)."""
+
+
+CLUSTER_FIX = ("rebuild the file for this data's label set, or drop the file (model.aux_cluster_file: null, "
+               "AuxiliaryObjective cluster_file: null) and let AuxiliaryObjective build clusters from the training "
+               "data (build_clusters: true)")
+
+
+def _first(ids: np.ndarray, names: Sequence[str] | None, limit: int = 5) -> str:
+    """The first few of ``ids`` (with their names), for an error message."""
+    shown = [f"{i} ({names[i]!r})" if names is not None else str(i) for i in ids[:limit].tolist()]
+    return ", ".join(shown) + (", ..." if ids.size > limit else "")
+
+
+def _load(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"cluster file {path} does not exist: give the path of a label_group*.npy or "
+                                f"assignment .npy file, or {CLUSTER_FIX}")
+    return np.load(path, allow_pickle=True)
+
+
+def count_clusters(path: str | Path) -> int:
+    """Number of clusters in a cluster file (see :func:`load_cluster_file`), without the label names."""
+    array = _load(Path(path).expanduser())
+    if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+        return int(array.max()) + 1 if array.size else 0
+    return len(array)
+
+
 def load_cluster_file(path: str | Path, num_labels: int, label_names: Sequence[str] | None = None) -> Tensor:
-    """Label -> cluster assignment [num_labels] (int64) from a ``.npy`` file.
+    """Label -> cluster assignment [num_labels] (int64) from a ``.npy`` file; strict, so a stale file fails early.
 
     Accepted forms: the LightXML/AttentionXML ``label_group*.npy`` (an object array holding one array of labels
     per cluster), a 2-D array with one cluster per row (entries < 0 are padding), or a 1-D integer assignment of
     length ``num_labels``. Members that are strings are label names, looked up in ``label_names`` (the authors'
-    raw-text files list names; names absent from the training labels are skipped). Labels that no cluster lists
-    (labels unseen when the file was made) are spread over the clusters by id, as :func:`xmc_dst.model.
-    load_label_clusters` does; a label listed twice is an error.
+    raw-text files list names over train and test; names absent from the training labels are skipped).
+
+    Every label must be in exactly one cluster: a label in no cluster (the file was made for another label set or
+    data version), a label listed twice, an id outside ``[0, num_labels)`` or a wrong length raises
+    :class:`ClusterFileError` naming the file, what is wrong and the fix. Spreading uncovered labels over the
+    clusters would silently train the meta-classifier on a different grouping than the file describes. Empty
+    clusters are allowed (their meta-label is never positive) and logged.
     """
-    array = np.load(path, allow_pickle=True)
+    path = Path(path).expanduser()
+    array = _load(path)
+    if array.dtype != object and not np.issubdtype(array.dtype, np.integer):
+        raise ClusterFileError(f"{path}: expected integer cluster ids or label ids, got a {array.dtype} array of "
+                               f"shape {array.shape}; {CLUSTER_FIX}")
     if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
-        if array.shape[0] != num_labels or (array < 0).any():
-            raise ValueError(f"{path}: a 1-D assignment needs a non-negative cluster for each of {num_labels} labels")
-        return torch.from_numpy(array.astype(np.int64))
+        return torch.from_numpy(_check_assignment(path, array.astype(np.int64), num_labels, label_names))
+    if array.size == 0:
+        raise ClusterFileError(f"{path} holds no clusters; {CLUSTER_FIX}")
     groups = list(array) if array.dtype == object else [row[row >= 0] for row in np.asarray(array)]
     lookup = {str(name): i for i, name in enumerate(label_names)} if label_names is not None else None
     assignment = np.full(num_labels, -1, dtype=np.int64)
@@ -59,20 +102,46 @@ def load_cluster_file(path: str | Path, num_labels: int, label_names: Sequence[s
         ids = np.asarray(members).reshape(-1)
         if not np.issubdtype(ids.dtype, np.integer):
             if lookup is None:
-                raise ValueError(f"{path} lists label names: the data's label names are needed to read it")
+                raise ClusterNamesNeeded(f"{path} lists label names: the data's label names are needed to read it")
             ids = np.array([lookup[str(m)] for m in ids if str(m) in lookup], dtype=np.int64)
-        ids = ids.astype(np.int64)
+        ids = np.unique(ids.astype(np.int64))  # a label repeated inside one cluster is harmless
         if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
-            raise ValueError(f"{path}: cluster {cluster} names a label outside [0, {num_labels})")
+            bad = ids[(ids < 0) | (ids >= num_labels)]
+            raise ClusterFileError(f"{path}: cluster {cluster} names label ids outside [0, {num_labels}) (the data "
+                                   f"has {num_labels} labels): {_first(bad, None)}; {CLUSTER_FIX}")
         if (assignment[ids] >= 0).any():
-            raise ValueError(f"{path}: a label of cluster {cluster} already belongs to another cluster")
+            raise ClusterFileError(f"{path}: a label of cluster {cluster} already belongs to another cluster "
+                                   f"(each label must be in exactly one); {CLUSTER_FIX}")
         assignment[ids] = cluster
     missing = np.flatnonzero(assignment < 0)
     if missing.size:
-        log.warning("%s: %d of %d labels are in no cluster; spread over the clusters by id", path, missing.size,
-                    num_labels)
-        assignment[missing] = missing % len(groups)
+        raise ClusterFileError(f"{path} covers {num_labels - missing.size} of the data's {num_labels} labels; "
+                               f"{missing.size} are in no cluster, e.g. label {_first(missing, label_names)}. The "
+                               f"file was made for another label set: {CLUSTER_FIX}")
+    _log_empty(path, assignment, len(groups))
     return torch.from_numpy(assignment)
+
+
+def _check_assignment(path: Path, assignment: np.ndarray, num_labels: int,
+                      label_names: Sequence[str] | None) -> np.ndarray:
+    """Validate a 1-D label -> cluster assignment: one non-negative cluster id per label."""
+    if assignment.shape[0] != num_labels:
+        raise ClusterFileError(f"{path}: a 1-D assignment holds one cluster id per label, {assignment.shape[0]} "
+                               f"ids for the data's {num_labels} labels; {CLUSTER_FIX}")
+    negative = np.flatnonzero(assignment < 0)
+    if negative.size:
+        raise ClusterFileError(f"{path}: negative cluster ids for {negative.size} labels, e.g. label "
+                               f"{_first(negative, label_names)}; every label needs a cluster id >= 0; "
+                               f"{CLUSTER_FIX}")
+    _log_empty(path, assignment, int(assignment.max()) + 1 if assignment.size else 0)
+    return assignment
+
+
+def _log_empty(path: Path, assignment: np.ndarray, num_clusters: int) -> None:
+    empty = num_clusters - np.unique(assignment).size
+    if empty > 0:
+        log.warning("%s: %d of %d clusters have no label (their meta-label is never positive)", path, empty,
+                    num_clusters)
 
 
 def save_assignment(assignment: Tensor, path: Path) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import AuxiliaryModule, AuxiliaryObjective
-from callbacks.clusters import balanced_kmeans_tree, label_embeddings, load_cluster_file
+from callbacks.clusters import ClusterFileError, balanced_kmeans_tree, label_embeddings, load_cluster_file
 from xmc_dst.optim import drop_parameters
 from xmc_dst.sparse import FixedFanInLinear
 
@@ -250,15 +250,37 @@ def test_cluster_files_in_every_accepted_form(tmp_path):
     named[:] = [np.array(["a", "e"]), np.array(["b", "c", "f"]), np.array(["d"])]
     np.save(tmp_path / "named.npy", named, allow_pickle=True)
     assert torch.equal(load_cluster_file(tmp_path / "named.npy", 6, list("abcdef")), expected)
-    named[:] = [np.array(["a", "e", "zz"]), np.array(["b", "c"]), np.array(["d"])]  # "zz": not a training label
-    np.save(tmp_path / "partial.npy", named, allow_pickle=True)
-    assert torch.equal(load_cluster_file(tmp_path / "partial.npy", 6, list("abcdef")),
-                       torch.tensor([0, 1, 1, 2, 0, 5 % 3]))  # "f" is in no cluster: spread by id
+    named[:] = [np.array(["a", "e", "zz"]), np.array(["b", "c", "f"]), np.array(["d"])]  # "zz": not a training label
+    np.save(tmp_path / "extra.npy", named, allow_pickle=True)
+    assert torch.equal(load_cluster_file(tmp_path / "extra.npy", 6, list("abcdef")), expected)  # "zz" skipped
     with pytest.raises(ValueError, match="label names"):
         load_cluster_file(tmp_path / "named.npy", 6)
-    np.save(tmp_path / "twice.npy", np.array([[0, 1], [1, 2]]))
-    with pytest.raises(ValueError, match="another cluster"):
-        load_cluster_file(tmp_path / "twice.npy", 6)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (np.array([[0, 4, -1], [1, 2, -1], [3, -1, -1]]), r"covers 5 of the data's 6 labels; 1 are in no cluster, e\.g\. "
+                                                      r"label 5 \('f'\)"),
+    (np.array([[0, 1], [1, 2]]), "a label of cluster 1 already belongs to another cluster"),
+    (np.array([[0, 1], [2, 9]]), r"cluster 1 names label ids outside \[0, 6\) \(the data has 6 labels\): 9"),
+    (np.array([0, 1, 1, 2, 0]), "5 ids for the data's 6 labels"),
+    (np.array([0, 1, -1, 2, 0, 1]), r"negative cluster ids for 1 labels, e\.g\. label 2 \('c'\)"),
+    (np.array([0.0, 1.0, 1.0, 2.0, 0.0, 1.0]), "expected integer cluster ids or label ids, got a float64 array"),
+    (np.zeros((0, 3), dtype=np.int64), "holds no clusters"),
+])
+def test_cluster_files_that_do_not_cover_every_label_fail_with_the_fix(tmp_path, content, message):
+    """Strict: a stale or foreign file fails before training with what is wrong and the fix, never spread by id."""
+    np.save(tmp_path / "clusters.npy", content)
+    with pytest.raises(ClusterFileError, match=message) as info:
+        load_cluster_file(tmp_path / "clusters.npy", 6, list("abcdef"))
+    assert str(tmp_path / "clusters.npy") in str(info.value) and "build_clusters: true" in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"cluster file .*nowhere\.npy does not exist.*build_clusters"):
+        load_cluster_file(tmp_path / "nowhere.npy", 6)
+
+
+def test_empty_clusters_are_allowed_and_logged(tmp_path, caplog):
+    np.save(tmp_path / "gap.npy", np.array([0, 0, 2, 2]))  # cluster 1 has no label: its meta-label is never positive
+    assert load_cluster_file(tmp_path / "gap.npy", 4).tolist() == [0, 0, 2, 2]
+    assert "1 of 3 clusters have no label" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- XMCModule

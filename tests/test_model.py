@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from callbacks.clusters import ClusterFileError
 from xmc_dst.encoders import BagOfWordsEncoder, EncoderInputs, TransformerEncoder, masked_mean
 from xmc_dst.losses import squared_hinge
 from xmc_dst.model import XMCModule, load_label_clusters, top_k
@@ -335,8 +336,10 @@ def test_label_clusters_from_file(tmp_path):
     assert load_label_clusters(tmp_path / "groups.npy", 5).tolist() == [0, 1, 0, 1, 0]
     np.save(tmp_path / "assign.npy", np.array([1, 1, 0]))
     assert load_label_clusters(tmp_path / "assign.npy", 3).tolist() == [1, 1, 0]
-    assert load_label_clusters(tmp_path / "groups.npy", 7).tolist() == [0, 1, 0, 1, 0, 1, 0]  # 5, 6: by id
-    with pytest.raises(ValueError):
+    uncovered = r"covers 5 of the data's 7 labels; 2 are in no cluster, e\.g\. label 5, 6"
+    with pytest.raises(ClusterFileError, match=uncovered):  # labels 5, 6 are in no cluster: strict, not spread
+        load_label_clusters(tmp_path / "groups.npy", 7)
+    with pytest.raises(ClusterFileError, match=r"cluster 0 names label ids outside \[0, 4\).*: 4;"):
         load_label_clusters(tmp_path / "groups.npy", 4)
     named = np.empty(2, dtype=object)
     named[0], named[1] = np.array(["b", "zz"]), np.array(["a", "c"])  # "zz" is not a training label
@@ -344,6 +347,8 @@ def test_label_clusters_from_file(tmp_path):
     assert load_label_clusters(tmp_path / "named.npy", 3, ["a", "b", "c"]).tolist() == [1, 0, 1]
     with pytest.raises(LookupError):
         load_label_clusters(tmp_path / "named.npy", 3)
+    with pytest.raises(ClusterFileError, match=r"e\.g\. label 3 \('d'\)"):  # a training label the file lacks
+        load_label_clusters(tmp_path / "named.npy", 4, ["a", "b", "c", "d"])
     pending = _bow_module(aux_cluster_file=str(tmp_path / "named.npy"), num_labels=3)
     assert pending.aux_head.out_features == 2 and pending._clusters_pending
     module = _bow_module(aux_cluster_file=str(tmp_path / "groups.npy"), num_labels=5)

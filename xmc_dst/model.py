@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from callbacks.clusters import ClusterNamesNeeded, count_clusters, load_cluster_file
 from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation
 from xmc_dst.losses import LossName, Reduction, bce_with_logits, rows_of, xmc_loss
 from xmc_dst.metrics import XMCMetrics, inverse_propensity, mask_reciprocal_logits
@@ -55,43 +55,35 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def load_label_clusters(path: str | Path, num_labels: int, label_names: Sequence[str] | None = None) -> Tensor:
-    """Label -> cluster ids [num_labels] from a ``.npy`` file.
+    """Label -> cluster ids [num_labels] from a ``.npy`` file (see :func:`callbacks.clusters.load_cluster_file`).
 
     The file holds either the assignment (an int array [num_labels]) or the clusters' members, one array per
-    cluster (an object array, or a 2-d int array with a row per cluster): the authors' ``label_group*.npy``, whose
-    members are label *names* for raw-text data (mapped through ``label_names``; names unknown to the training
-    vocabulary are skipped) and label ids for LF data. Labels in no cluster are spread over the clusters by id.
+    cluster (an object array, or a 2-d int array with a row per cluster, -1 padding): the authors'
+    ``label_group*.npy``, whose members are label *names* for raw-text data (mapped through ``label_names``; names
+    unknown to the training vocabulary are skipped) and label ids for LF data. Every label must be in exactly one
+    cluster, else :class:`~callbacks.clusters.ClusterFileError` (a ValueError) names the file and the fix; without
+    ``label_names`` a file of names raises :class:`~callbacks.clusters.ClusterNamesNeeded` (a LookupError).
     """
-    array = np.load(path, allow_pickle=True)
-    if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
-        assignment = array.astype(np.int64)
-        if assignment.shape[0] != num_labels or (assignment < 0).any():
-            raise ValueError(f"{path}: expected a non-negative cluster id for each of the {num_labels} labels")
-        return torch.from_numpy(assignment)
-    assignment = np.full(num_labels, -1, dtype=np.int64)
-    index = {str(name): i for i, name in enumerate(label_names)} if label_names is not None else None
-    for cluster, members in enumerate(array):
-        members = np.asarray(members).reshape(-1)
-        if np.issubdtype(members.dtype, np.integer):
-            ids = members.astype(np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
-                raise ValueError(f"{path}: cluster {cluster} has label ids outside [0, {num_labels})")
-        else:
-            if index is None:
-                raise LookupError(f"{path} lists label names: the label names of the data are needed")
-            ids = np.array([index[str(m)] for m in members if str(m) in index], dtype=np.int64)
-        assignment[ids] = cluster
-    missing = assignment < 0
-    assignment[missing] = np.flatnonzero(missing) % len(array)
-    return torch.from_numpy(assignment)
+    return load_cluster_file(path, num_labels, label_names)
 
 
 def count_label_clusters(path: str | Path) -> int:
     """Number of clusters in a cluster file (see :func:`load_label_clusters`), without the label names."""
-    array = np.load(path, allow_pickle=True)
-    if array.dtype != object and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
-        return int(array.max()) + 1
-    return len(array)
+    return count_clusters(path)
+
+
+def _check_fan_in(fan_in: int, features: int, intermediate_dim: int) -> None:
+    """A sparse head reads ``fan_in`` distinct inputs per label: more than its input width cannot be built. Fail at
+    construction, naming the width's source and both fixes, rather than silently shrinking the configured fan-in."""
+    if 1 <= fan_in <= features:
+        return
+    if fan_in < 1:
+        raise ValueError(f"model.fan_in must be at least 1, got {fan_in}")
+    source = f"intermediate_dim={intermediate_dim}" if intermediate_dim > 0 else "the encoder's output width"
+    widen = (f"raise model.intermediate_dim to at least {fan_in}" if intermediate_dim > 0 else
+             f"add an intermediate layer with model.intermediate_dim >= {fan_in}")
+    raise ValueError(f"model.fan_in={fan_in} is larger than the {features} inputs of the sparse head ({source}): "
+                     f"set model.fan_in <= {features}, or {widen}")
 
 
 def _factory_spec(factory: Any) -> dict[str, Any] | None:
@@ -131,7 +123,8 @@ class XMCModule(L.LightningModule):
         num_features: number of bag-of-words features (linked from a BoW DataModule).
         pretrained_weights: load the encoder's pretrained weights (False when a checkpoint provides all weights).
         head: ``sparse`` (fixed fan-in) or ``dense`` (``nn.Linear``, the baseline).
-        fan_in: inputs per label of the sparse head.
+        fan_in: inputs per label of the sparse head, at most its input width (``intermediate_dim``, else the
+            encoder's output width); a larger value fails at construction.
         head_impl: implementation of the sparse head (``auto``, ``kernel``, ``csr``, ``embedding_bag``).
         intermediate_dim: width of a dense layer between the encoder and the head (0: none).
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
@@ -211,8 +204,8 @@ class XMCModule(L.LightningModule):
             self.intermediate = None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if head == "sparse":
-            self.head = FixedFanInLinear(features, num_labels, min(fan_in, features), impl=head_impl,
-                                         generator=generator)
+            _check_fan_in(fan_in, features, intermediate_dim)
+            self.head = FixedFanInLinear(features, num_labels, fan_in, impl=head_impl, generator=generator)
         else:
             self.head = nn.Linear(features, num_labels)
             with torch.no_grad():  # the authors' dense baseline: N(0, 0.02) weights
@@ -227,7 +220,7 @@ class XMCModule(L.LightningModule):
             if aux_cluster_file:
                 try:
                     clusters = load_label_clusters(aux_cluster_file, num_labels)
-                except LookupError:  # members are label names: resolved in setup() with the data's names
+                except ClusterNamesNeeded:  # members are label names: resolved in setup() with the data's names
                     self._clusters_pending = True
             self.register_buffer("label_clusters", clusters.long())
             self.aux_head: nn.Linear | None = nn.Linear(int(self.encoder.output_dim), count)
@@ -387,7 +380,10 @@ class XMCModule(L.LightningModule):
             names = getattr(datamodule, "label_names", None)
             if names is not None:
                 if len(names) != self.hparams.num_labels:
-                    raise ValueError(f"the data has {len(names)} labels, the model {self.hparams.num_labels}")
+                    raise ValueError(f"the data ({type(datamodule).__name__}) has {len(names)} labels, the model "
+                                     f"was built for {self.hparams.num_labels}: build the model with "
+                                     f"num_labels={len(names)} (the CLI links data.num_labels to it), or load a "
+                                     "checkpoint trained on this data")
                 self.label_names = list(names)
                 if self._clusters_pending and self.aux_head is not None:
                     clusters = load_label_clusters(self.hparams.aux_cluster_file, len(names), self.label_names)
