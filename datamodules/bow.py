@@ -17,6 +17,7 @@ import torch
 from .base import XC_REPOSITORY, XMCDataModule, split_indices
 from .collate import BowCollate, SparseRows, gather_csr
 from .formats import DataFormatError, SparseXC, iter_lines, read_xc_single, read_xc_split, resolve
+from .resources import missing_data_error
 
 
 def find_split(data_dir: Path, name: str) -> tuple[Path, ...] | None:
@@ -85,11 +86,9 @@ class BoWXMCDataModule(XMCDataModule):
                 return files
         names = (name,) if name else defaults
         expected = " or ".join(f"{n}.txt (or {n}_X_Xf.txt + {n}_X_Y.txt)" for n in names)
-        state = "does not exist" if not self.data_dir.is_dir() else "lacks the split files"
-        raise FileNotFoundError(
-            f"{type(self).__name__}: data directory {self.data_dir} {state}. Expected {expected}, "
-            f"in the Extreme Classification Repository sparse format (may be .gz-compressed). {self.source_hint}"
-        )
+        raise missing_data_error(type(self).__name__, self.data_dir, [f"the {' / '.join(names)} split files"],
+                                 f"{expected}, in the Extreme Classification Repository sparse format",
+                                 self.source_hint)
 
     def _load(self) -> None:
         """Parse both splits (once) and check that they agree on the feature and label spaces."""

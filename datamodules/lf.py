@@ -22,6 +22,7 @@ import torch
 
 from .base import XC_REPOSITORY
 from .formats import DataFormatError, count_lines, iter_json_lines, lf_targets, read_filter_pairs, resolve
+from .resources import missing_data_error
 from .text import TokenizedTextDataModule
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,9 @@ class LFXMCDataModule(TokenizedTextDataModule):
             files[role] = resolve(self.data_dir / f"{role}.json.gz") or resolve(self.data_dir / f"{role}.json")
         missing = [f"{role}.json.gz" for role, path in files.items() if path is None]
         if missing:
-            state = "does not exist" if not self.data_dir.is_dir() else f"lacks {', '.join(missing)}"
-            raise FileNotFoundError(
-                f"{type(self).__name__}: data directory {self.data_dir} {state}. Expected the LF layout: trn.json.gz, "
-                f"tst.json.gz, lbl.json.gz (JSON lines) and filter_labels_test.txt. {self.source_hint}"
-            )
+            raise missing_data_error(type(self).__name__, self.data_dir, missing,
+                                     "the LF layout: trn.json.gz, tst.json.gz, lbl.json.gz (JSON lines) and "
+                                     "filter_labels_test.txt", self.source_hint)
         return files  # type: ignore[return-value]
 
     def _source_files(self) -> dict[str, Path]:

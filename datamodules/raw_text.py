@@ -22,6 +22,7 @@ import numpy as np
 
 from .base import XC_REPOSITORY
 from .formats import DataFormatError, count_lines, iter_label_lines, iter_lines, require_nonempty, resolve
+from .resources import missing_data_error
 from .text import TokenizedTextDataModule
 
 TEXT_VARIANTS = ("auto", "raw", "plain")
@@ -124,14 +125,12 @@ class RawTextXMCDataModule(TokenizedTextDataModule):
             if self.text_variant == "auto":
                 text_names = "train_texts.txt, test_texts.txt (or train_raw_texts.txt, test_raw_texts.txt)"
         files = {**texts, **labels}
-        missing = [role for role, path in files.items() if path is None]
+        missing = [f"{role.replace('_texts', '_raw_texts' if texts is raw else '_texts')}.txt"
+                   for role, path in files.items() if path is None]
         if missing:
-            name = type(self).__name__
-            state = "does not exist" if not self.data_dir.is_dir() else f"lacks {', '.join(missing)}"
-            raise FileNotFoundError(
-                f"{name}: data directory {self.data_dir} {state}. Expected the raw-text XMC layout: {text_names}, "
-                f"train_labels.txt, test_labels.txt (each may be .gz-compressed). {self.source_hint}"
-            )
+            raise missing_data_error(type(self).__name__, self.data_dir, missing,
+                                     f"the raw-text XMC layout: {text_names}, train_labels.txt, test_labels.txt",
+                                     self.source_hint)
         return files  # type: ignore[return-value]
 
     def _source_files(self) -> dict[str, Path]:
