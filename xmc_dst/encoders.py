@@ -96,12 +96,19 @@ class TransformerEncoder(nn.Module):
         length_chunks: run each batch as this many chunks of documents of similar length, each trimmed to its
             longest document: less compute on padding when the batch's lengths vary (pays off on CPU; the results
             are those of the whole batch, as padding is masked).
+        token_bag_dim: width of a trainable bag-of-tokens embedding concatenated to the pooled vector (0: none).
+            Sparse lexical input beside the dense embedding, as XR-Transformer combines TF-IDF with its encoder:
+            an ``EmbeddingBag`` over the document's token ids (and hashed token bigrams), weighted by
+            ``1/sqrt(tokens)``, i.e. a learned linear map of the L2-scaled term counts. It trains even when the
+            transformer is frozen, and its rows stay rare-word specific, which helps tail labels (PSP).
+        token_bag_buckets: hash buckets for token bigrams in the bag (0: unigrams only).
     """
 
     def __init__(self, inputs: EncoderInputs, pooling: Pooling = "mean", num_layers: int = 1,
                  layers: list[int] | None = None, dropout: float = 0.0, pretrained: str | None = None,
                  trainable_layers: int = -1, compile: bool = False, compile_options: dict[str, Any] | None = None,
-                 gradient_checkpointing: bool = False, cache_features: bool = False, length_chunks: int = 1) -> None:
+                 gradient_checkpointing: bool = False, cache_features: bool = False, length_chunks: int = 1,
+                 token_bag_dim: int = 0, token_bag_buckets: int = 0) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "cls_concat"):
             raise ValueError(f"pooling must be cls, mean or cls_concat, got {pooling!r}")
@@ -120,7 +127,16 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"layers must index the {available} hidden states of {location} (0: embeddings), "
                              f"got {layers}")
         self.layers = [int(layer) for layer in layers]
-        self.output_dim = hidden * len(self.layers)
+        if token_bag_dim < 0 or token_bag_buckets < 0:
+            raise ValueError(f"token_bag_dim and token_bag_buckets must be >= 0, got {token_bag_dim}, "
+                             f"{token_bag_buckets}")
+        self.vocab_size = int(self.transformer.config.vocab_size)
+        self.token_bag_buckets = token_bag_buckets
+        self.token_bag: nn.EmbeddingBag | None = None
+        if token_bag_dim:
+            self.token_bag = nn.EmbeddingBag(self.vocab_size + token_bag_buckets, token_bag_dim, mode="sum")
+            nn.init.normal_(self.token_bag.weight, std=token_bag_dim**-0.5)
+        self.output_dim = hidden * len(self.layers) + token_bag_dim
         self.dropout = nn.Dropout(dropout)
         self.frozen = _freeze_below(self.transformer, trainable_layers)
         if cache_features and not self.frozen:
@@ -178,11 +194,30 @@ class TransformerEncoder(nn.Module):
                 self.cache[keys[i]] = fresh[j]
         return torch.stack([self.cache[key] for key in keys]).to(input_ids.device)
 
+    def bag_of_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The token bag: embeddings of the real tokens (and hashed bigrams) summed with weight 1/sqrt(count)."""
+        mask = attention_mask.bool()
+        ids, valid = [input_ids], [mask]
+        if self.token_bag_buckets and input_ids.shape[1] > 1:
+            first, second = input_ids[:, :-1].long(), input_ids[:, 1:].long()
+            ids.append(self.vocab_size + (first * 1_000_003 + second) % self.token_bag_buckets)
+            valid.append(mask[:, :-1] & mask[:, 1:])
+        ids_all, valid_all = torch.cat(ids, dim=1).long(), torch.cat(valid, dim=1)
+        counts = valid_all.sum(1)
+        weights = counts.clamp(min=1).to(self.token_bag.weight.dtype).rsqrt()
+        offsets = torch.zeros_like(counts)
+        offsets[1:] = counts.cumsum(0)[:-1]
+        return self.token_bag(ids_all[valid_all], offsets, per_sample_weights=weights.repeat_interleave(counts))
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         if self.cache is not None:
-            return self.dropout(self._pooled_cached(input_ids, attention_mask))
-        return self.dropout(self.pooled(input_ids, attention_mask))
+            pooled = self._pooled_cached(input_ids, attention_mask)
+        else:
+            pooled = self.pooled(input_ids, attention_mask)
+        if self.token_bag is not None:
+            pooled = torch.cat([pooled, self.bag_of_tokens(input_ids, attention_mask)], dim=-1)
+        return self.dropout(pooled)
 
 
 def _load_transformer(location: str, pretrained_weights: bool) -> nn.Module:

@@ -1,0 +1,320 @@
+"""Accuracy, memory and cost of every model variant on the shipped real datasets, beside peer systems.
+
+    python benchmarks/quality.py                              # the whole grid (about an hour on 2 CPU cores)
+    python benchmarks/quality.py --datasets bibtex --seeds 42 # one dataset, one seed
+    python benchmarks/quality.py --report-only                # tables and plots from the saved runs
+
+Each run is one ``xmc-dst fit`` of a shipped config (``configs/<dataset>.yaml``) with a few keys changed by the
+variant, in a fresh subprocess (so its peak RSS is its own), with the same protocol as the configs: 10% of the
+training documents held out to select the checkpoint, the best checkpoint tested on the full test split, test labels
+unseen in training dropped from the targets (points kept). PSP uses A = 0.55, B = 1.5 for every dataset.
+
+Variants (what each one shows):
+  dense            the nn.Linear baseline head
+  sparse-f<k>      fixed fan-in head at fan-in k (two values per dataset), with DST (SET rewiring)
+  +intermediate    sparse head after a dense intermediate layer (the paper's gradient-flow remedy 1)
+  +aux             sparse head with the auxiliary meta-classifier over label clusters (remedy 2)
+  gradient         DST with gradient (RigL) regrowth instead of random
+  frozen-topology  the sparse head with rewiring off: the control that shows what DST itself buys
+
+Writes ``benchmarks/results/quality.jsonl`` (one line per run, appended; a run already there is not run again),
+``quality.md`` (mean and standard deviation over seeds, with the peers of ``benchmarks/peers.py`` when their
+packages are installed) and the plots ``quality_fan_in.png`` and ``quality_aux_curves.png``. Every table and plot
+names the machine, the command and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python benchmarks/quality.py` from a checkout: import benchmarks.*
+RESULTS = ROOT / "benchmarks" / "results"
+METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The grid: dataset -> base config, variants -> dotted-key changes of that config.
+# --------------------------------------------------------------------------------------------------------------
+
+DST = "callbacks.DynamicSparseTraining"
+AUX = "callbacks.AuxiliaryObjective"
+
+DATASETS: dict[str, dict[str, Any]] = {
+    "debtags": {"config": "configs/debtags.yaml", "fan_ins": (32, 128), "aux_clusters": 32},
+    "bibtex": {"config": "configs/bibtex.yaml", "fan_ins": (16, 64), "aux_clusters": 16},
+    "delicious": {"config": "configs/delicious.yaml", "fan_ins": (32, 128), "aux_clusters": 64},
+}
+
+
+def variants(dataset: str) -> dict[str, dict[str, Any]]:
+    """Changes of the dataset's config per variant; ``None`` removes a key, ``callbacks.X`` edits a callback."""
+    spec = DATASETS[dataset]
+    low, high = spec["fan_ins"]
+    return {
+        "dense": {"model.head": "dense", f"callbacks.{DST}": None},
+        f"sparse-f{high}": {"model.fan_in": high, "model.intermediate_dim": 0},
+        f"sparse-f{low}": {"model.fan_in": low, "model.intermediate_dim": 0},
+        "sparse+intermediate": {},  # the shipped configs' default model
+        "sparse+aux": {"model.aux_clusters": spec["aux_clusters"],
+                       f"callbacks.{AUX}": {"alpha": 0.4, "cutoff_epoch": None}},
+        "gradient": {f"callbacks.{DST}.regrow": "gradient"},
+        "frozen-topology": {f"callbacks.{DST}": None},
+    }
+
+
+HEADLINE = ("dense", "sparse+intermediate", "sparse+aux")
+
+
+def apply_changes(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Return ``config`` with the dotted-key ``changes`` applied (``callbacks.<class>`` keys edit the trainer's
+    callback list: ``None`` removes the callback, a dict adds or updates its ``init_args``, ``callbacks.<class>.k``
+    sets one argument)."""
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        if key.startswith("callbacks."):
+            _change_callback(config, key.removeprefix("callbacks."), value)
+            continue
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return config
+
+
+def _change_callback(config: dict[str, Any], key: str, value: Any) -> None:
+    trainer = config.setdefault("trainer", {})
+    callbacks = list(trainer.get("callbacks") or [])
+    class_path, argument = key, None
+    for known in (DST, AUX):
+        if key.startswith(known + "."):
+            class_path, argument = known, key[len(known) + 1:]
+    found = [cb for cb in callbacks if cb.get("class_path") == class_path]
+    if value is None and argument is None:
+        callbacks = [cb for cb in callbacks if cb.get("class_path") != class_path]
+    elif argument is None:
+        if found:
+            found[0].setdefault("init_args", {}).update(value)
+        else:
+            callbacks.append({"class_path": class_path, "init_args": dict(value)})
+    else:
+        if not found:
+            raise KeyError(f"{class_path} is not among the config's callbacks")
+        found[0].setdefault("init_args", {})[argument] = value
+    trainer["callbacks"] = callbacks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run (in its own process).
+# --------------------------------------------------------------------------------------------------------------
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit and test one configuration in this process; return metrics, times, memory and the val P@1 curve."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lightning as L
+    import torch
+
+    from callbacks import MemoryProfiler
+    from xmc_dst.cli import cli
+
+    class Timing(L.Callback):
+        """Seconds of each training epoch (validation excluded), test seconds, and val P@1 after each epoch."""
+
+        def __init__(self) -> None:
+            self.epochs: list[float] = []
+            self.curve: list[dict[str, float]] = []
+            self.test_s = 0.0
+            self.test_docs = 0
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.epochs.append(time.perf_counter() - self._start)
+
+        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.sanity_checking:
+                return
+            metrics = trainer.callback_metrics
+            point = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+            point.update({k.removeprefix("val/"): float(metrics[k]) for k in ("val/P@1", "val/PSP@1")
+                          if k in metrics})
+            self.curve.append(point)
+
+        def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._test_start = time.perf_counter()
+
+        def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                              batch_idx: int, dataloader_idx: int = 0) -> None:
+            self.test_docs += int(batch["label_offsets"].numel() - 1) if "label_offsets" in batch else 0
+
+        def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.test_s = time.perf_counter() - self._test_start
+
+    torch.set_num_threads(spec.get("threads", 2))
+    config = apply_changes(yaml.safe_load((ROOT / spec["config"]).read_text()), spec["changes"])
+    config["seed_everything"] = spec["seed"]
+    config.setdefault("model", {})["seed"] = spec["seed"]
+    config["test_after_fit"] = True
+    work = Path(spec["workdir"])
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": str(work / "logs"), "name": "run"}}
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["enable_model_summary"] = False
+    config.setdefault("checkpoint", {})["dirpath"] = str(work / "checkpoints")
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    timing, memory = Timing(), MemoryProfiler(print_table=False)
+    start = time.perf_counter()
+    app = cli(["--config", str(path)], run=False)
+    app.trainer.callbacks.extend([timing, memory])
+    app.trainer.fit(app.model, datamodule=app.datamodule)
+    fit_s = time.perf_counter() - start
+    best = getattr(app.trainer.checkpoint_callback, "best_model_path", "") or None
+    app.trainer.test(app.model, datamodule=app.datamodule, ckpt_path=best, verbose=False)
+    metrics = {k.removeprefix("test/"): float(v) for k, v in app.trainer.callback_metrics.items()
+               if k.startswith("test/")}
+    model = app.model
+    head_params = sum(p.numel() for p in model.head.parameters())
+    return {
+        "metrics": {k: metrics[k] for k in METRICS if k in metrics},
+        "epochs": len(timing.epochs),
+        "epoch_s": statistics.mean(timing.epochs) if timing.epochs else None,
+        "fit_s": fit_s,
+        "test_s": timing.test_s,
+        "test_docs": timing.test_docs,
+        "peak_mib": (memory.report.get("peak_bytes") or 0) / 2**20,
+        "static_mib": (memory.report.get("static_bytes") or 0) / 2**20,
+        "head_mib": _part_mib(memory.report.get("parts", {}).get("head")),
+        "head_params": head_params,
+        "fan_in": model.hparams.fan_in if model.hparams.head == "sparse" else None,
+        "best_checkpoint": Path(best).name if best else None,
+        "curve": timing.curve,
+    }
+
+
+def _part_mib(part: dict[str, Any] | None) -> float | None:
+    """Parameter + gradient + optimizer-state + buffer MiB of one part of the model (MemoryProfiler's report)."""
+    if not part:
+        return None
+    return part["static"] / 2**20
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The grid driver, tables and plots.
+# --------------------------------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="xmc-quality-") as work:
+        spec = {**spec, "workdir": work}
+        out = Path(work) / "result.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--run-one", json.dumps(spec), "--result", str(out)]
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+        process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if process.returncode != 0 or not out.exists():
+            raise RuntimeError(f"run {spec['dataset']}/{spec['variant']}/seed {spec['seed']} failed:\n"
+                               f"{process.stdout[-3000:]}\n{process.stderr[-5000:]}")
+        return json.loads(out.read_text())
+
+
+def load_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=None, help="variant names (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--headline-seeds-only", action="store_true",
+                        help="run the non-headline variants with the first seed only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--no-peers", action="store_true", help="leave the peer systems out of the table")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.run_one:
+        result = run_one(json.loads(args.run_one))
+        args.result.write_text(json.dumps(result))
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_path = args.out / "quality.jsonl"
+    runs = load_runs(runs_path)
+    done = {(r["dataset"], r["variant"], r["seed"]) for r in runs}
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if not args.report_only:
+        for dataset in args.datasets:
+            for variant, changes in variants(dataset).items():
+                if args.variants and variant not in args.variants:
+                    continue
+                seeds = args.seeds if (variant in HEADLINE or not args.headline_seeds_only) else args.seeds[:1]
+                for seed in seeds:
+                    if (dataset, variant, seed) in done:
+                        continue
+                    spec = {"dataset": dataset, "variant": variant, "seed": seed, "threads": args.threads,
+                            "config": DATASETS[dataset]["config"], "changes": changes}
+                    started = time.strftime("%Y-%m-%d %H:%M:%S")
+                    result = run_subprocess(spec)
+                    row = {**{k: spec[k] for k in ("dataset", "variant", "seed", "config", "changes", "threads")},
+                           **result, "started": started, "machine": machine(), "commit": git_commit(),
+                           "command": command}
+                    with runs_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    runs.append(row)
+                    m = row["metrics"]
+                    print(f"{dataset:10s} {variant:20s} seed {seed}: P@1 {m.get('P@1', float('nan')):.2f} "
+                          f"PSP@1 {m.get('PSP@1', float('nan')):.2f} fit {row['fit_s']:.0f}s", flush=True)
+    from benchmarks.quality_report import write_report
+
+    write_report(runs, args.out, command=command, machine=machine(), commit=git_commit(),
+                 datasets=args.datasets, peers=not args.no_peers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
