@@ -116,7 +116,7 @@ def load_cluster_file(path: str | Path, num_labels: int, label_names: Sequence[s
     missing = np.flatnonzero(assignment < 0)
     if missing.size:
         raise ClusterFileError(f"{path} covers {num_labels - missing.size} of the data's {num_labels} labels; "
-                               f"{missing.size} are in no cluster, e.g. label {_first(missing, label_names)}. The "
+                               f"labels in no cluster: {missing.size}, e.g. label {_first(missing, label_names)}. The "
                                f"file was made for another label set: {CLUSTER_FIX}")
     _log_empty(path, assignment, len(groups))
     return torch.from_numpy(assignment)
@@ -130,7 +130,7 @@ def _check_assignment(path: Path, assignment: np.ndarray, num_labels: int,
                                f"ids for the data's {num_labels} labels; {CLUSTER_FIX}")
     negative = np.flatnonzero(assignment < 0)
     if negative.size:
-        raise ClusterFileError(f"{path}: negative cluster ids for {negative.size} labels, e.g. label "
+        raise ClusterFileError(f"{path}: labels with a negative cluster id: {negative.size}, e.g. label "
                                f"{_first(negative, label_names)}; every label needs a cluster id >= 0; "
                                f"{CLUSTER_FIX}")
     _log_empty(path, assignment, int(assignment.max()) + 1 if assignment.size else 0)

@@ -258,12 +258,12 @@ def test_cluster_files_in_every_accepted_form(tmp_path):
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (np.array([[0, 4, -1], [1, 2, -1], [3, -1, -1]]), r"covers 5 of the data's 6 labels; 1 are in no cluster, e\.g\. "
-                                                      r"label 5 \('f'\)"),
+    (np.array([[0, 4, -1], [1, 2, -1], [3, -1, -1]]),
+     r"covers 5 of the data's 6 labels; labels in no cluster: 1, e\.g\. label 5 \('f'\)"),
     (np.array([[0, 1], [1, 2]]), "a label of cluster 1 already belongs to another cluster"),
     (np.array([[0, 1], [2, 9]]), r"cluster 1 names label ids outside \[0, 6\) \(the data has 6 labels\): 9"),
     (np.array([0, 1, 1, 2, 0]), "5 ids for the data's 6 labels"),
-    (np.array([0, 1, -1, 2, 0, 1]), r"negative cluster ids for 1 labels, e\.g\. label 2 \('c'\)"),
+    (np.array([0, 1, -1, 2, 0, 1]), r"labels with a negative cluster id: 1, e\.g\. label 2 \('c'\)"),
     (np.array([0.0, 1.0, 1.0, 2.0, 0.0, 1.0]), "expected integer cluster ids or label ids, got a float64 array"),
     (np.zeros((0, 3), dtype=np.int64), "holds no clusters"),
 ])

@@ -198,7 +198,8 @@ def test_cluster_file_missing_a_training_label_fails_in_setup_before_any_step(ra
     with pytest.raises(ClusterFileError) as info:
         cli(args(raw, tiny_encoder_dir, tmp_path, cache, "--model.aux_cluster_file", str(stale)))
     message = str(info.value)
-    assert f"{stale} covers 3 of the data's 4 labels; 1 are in no cluster, e.g. label 3 ('works-with::db')" in message
+    assert (f"{stale} covers 3 of the data's 4 labels; labels in no cluster: 1, e.g. label 3 ('works-with::db')"
+            in message)
     assert "made for another label set" in message and "build_clusters: true" in message
     assert steps == []
     whole = _named_groups(tmp_path / "whole.npy", [["lang::python", "use::gameplaying"],

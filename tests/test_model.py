@@ -336,7 +336,7 @@ def test_label_clusters_from_file(tmp_path):
     assert load_label_clusters(tmp_path / "groups.npy", 5).tolist() == [0, 1, 0, 1, 0]
     np.save(tmp_path / "assign.npy", np.array([1, 1, 0]))
     assert load_label_clusters(tmp_path / "assign.npy", 3).tolist() == [1, 1, 0]
-    uncovered = r"covers 5 of the data's 7 labels; 2 are in no cluster, e\.g\. label 5, 6"
+    uncovered = r"covers 5 of the data's 7 labels; labels in no cluster: 2, e\.g\. label 5, 6"
     with pytest.raises(ClusterFileError, match=uncovered):  # labels 5, 6 are in no cluster: strict, not spread
         load_label_clusters(tmp_path / "groups.npy", 7)
     with pytest.raises(ClusterFileError, match=r"cluster 0 names label ids outside \[0, 4\).*: 4;"):
