@@ -1,4 +1,5 @@
-"""Reusable Lightning callbacks: dynamic sparse training, auxiliary-objective schedule, memory profiling.
+"""Reusable Lightning callbacks: dynamic sparse training, auxiliary-objective schedule, memory profiling, exact
+resume (random states, periodic atomic ``last.ckpt``).
 
 They work on any LightningModule: :class:`DynamicSparseTraining` rewires every submodule with the fixed fan-in
 rewiring protocol (``rewire``, ``reset_optimizer_state``, ``indices``), :class:`AuxiliaryObjective` drives a module
@@ -11,14 +12,18 @@ from callbacks.dst import DynamicSparseTraining
 from callbacks.guard import FiniteLossGuard, NonFiniteLossError
 from callbacks.memory import MemoryProfiler
 from callbacks.oom import OutOfMemoryAdvice, OutOfMemoryAdvisor
+from callbacks.resume import LastCheckpoint, RandomStateCheckpoint, RestoreLoaderPosition
 
 __all__ = [
     "AuxiliaryModule",
     "AuxiliaryObjective",
     "DynamicSparseTraining",
     "FiniteLossGuard",
+    "LastCheckpoint",
     "MemoryProfiler",
     "NonFiniteLossError",
     "OutOfMemoryAdvice",
     "OutOfMemoryAdvisor",
+    "RandomStateCheckpoint",
+    "RestoreLoaderPosition",
 ]

@@ -6,19 +6,28 @@ validation split (``val_fraction = 0``); then, by default (``val_on_test=True``)
 which is the published protocol of these benchmarks (AttentionXML/LightXML report test metrics during training). It
 is logged once, because picking a checkpoint on it is selection on test. ``val_on_test=False`` gives no validation
 loader at all.
+
+Loaders are :class:`ResumableDataLoader`: the training order of an epoch is a function of a seed and the epoch, and
+the loader's ``state_dict`` (which Lightning stores in every checkpoint) says how many batches of the epoch were
+consumed, so a run resumed from a mid-epoch checkpoint sees exactly the remaining batches in the same order. No
+loader draws from the global torch generator while training (the shuffle seed is drawn once, when the loader is
+built), so validation does not shift the random stream that dropout uses.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,130 @@ def jain_propensity(label_counts: torch.Tensor, num_docs: int, a: float, b: floa
     """Propensity scores of Jain et al. (2016): ``1 / (1 + C (N_l + B)^-A)``, ``C = (log N - 1) (B + 1)^A``."""
     c = (math.log(num_docs) - 1.0) * (b + 1.0) ** a
     return 1.0 / (1.0 + c * torch.exp(-a * torch.log(label_counts.double() + b))).float()
+
+
+def _draw_seed() -> int:
+    """A seed from the global torch generator (so that ``seed_everything`` decides it)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class EpochRandomSampler(RandomSampler):
+    """A random permutation per epoch that depends only on ``seed + epoch`` (as ``DistributedSampler``).
+
+    ``set_epoch`` picks the epoch (Lightning calls it before every epoch); each pass then moves to the next epoch,
+    so that a plain loop without ``set_epoch`` also gets a new order every pass. A ``RandomSampler``, so that
+    Lightning still sees a shuffled loader (and swaps in its ``DistributedSampler`` under DDP).
+    """
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), 0
+        self.drawn_epoch: int | None = None  # epoch of the permutation being served
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        self.drawn_epoch, self.epoch = self.epoch, self.epoch + 1
+        generator = torch.Generator().manual_seed(self.seed + self.drawn_epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class _SkipFirst:
+    """An index sampler whose next pass (only) leaves out its first ``skip`` items; its length stays the same."""
+
+    def __init__(self, sampler: Any, skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[Any]:
+        # Taken at the first item: DataLoader iterators call iter() and may drop the result unused, and persistent
+        # workers iterate this same object again next epoch.
+        skip, self.skip = self.skip, 0
+        yield from itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _CountingIterator:
+    """Counts the batches a loader hands out in the current pass (no prefetching in Lightning: the loader has a
+    length, so the count is the number of batches the training loop took)."""
+
+    def __init__(self, iterator: Any, loader: ResumableDataLoader) -> None:
+        self.iterator, self.loader = iterator, loader
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.iterator)
+        self.loader.batches_served += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can resume mid-epoch (it has ``state_dict``/``load_state_dict``).
+
+    ``shuffle=True`` uses an :class:`EpochRandomSampler` seeded with ``seed`` (default: drawn from the global torch
+    generator), the workers' base seed comes from a private generator. The state is the shuffle seed, the epoch of
+    the current pass and the batches served in it; loading a mid-pass state makes the next pass serve the rest of
+    that epoch's order (the skipped batches are never loaded), a state at a pass boundary starts the next epoch.
+    Any other sampler (e.g. Lightning's ``DistributedSampler``) is resumed the same way through its ``epoch``.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int | None = 1, shuffle: bool | None = None,
+                 sampler: Any = None, *args: Any, seed: int | None = None, **kwargs: Any) -> None:
+        seed = _draw_seed() if seed is None else int(seed)
+        if shuffle and sampler is None and kwargs.get("batch_sampler") is None:
+            sampler, shuffle = EpochRandomSampler(dataset, seed), None
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
+        super().__init__(dataset, batch_size, shuffle, sampler, *args, **kwargs)
+        self.seed = seed
+        self.batches_served = 0
+        self._pass_started = False
+        self._skip = 0
+
+    @property
+    def _index_sampler(self) -> Any:
+        sampler = super()._index_sampler
+        return _SkipFirst(sampler, self._skip) if self._skip else sampler
+
+    def _epoch_sampler(self) -> Sampler | None:
+        sampler = self.sampler if self.batch_sampler is None else getattr(self.batch_sampler, "sampler", None)
+        return sampler if callable(getattr(sampler, "set_epoch", None)) else None
+
+    def __iter__(self) -> _CountingIterator:
+        iterator = super().__iter__()  # takes _index_sampler, i.e. the skip of a loaded state
+        self.batches_served, self._skip, self._pass_started = self._skip, 0, True
+        return _CountingIterator(iterator, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self._epoch_sampler()
+        epoch = getattr(sampler, "drawn_epoch", None)  # the epoch being served; else the sampler's own
+        if epoch is None:
+            epoch = getattr(sampler, "epoch", None)
+        return {"seed": self.seed, "epoch": epoch, "batches": self.batches_served if self._pass_started else 0,
+                "length": len(self)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler = self._epoch_sampler()
+        if isinstance(sampler, EpochRandomSampler):
+            sampler.seed = int(state_dict["seed"])
+        self.seed = int(state_dict["seed"])
+        batches, epoch = int(state_dict["batches"]), state_dict.get("epoch")
+        if int(state_dict["length"]) != len(self):
+            raise ValueError(f"the checkpoint's training loader had {state_dict['length']} batches, this one has "
+                             f"{len(self)}: resume with the data and batch size the checkpoint was trained with")
+        if 0 < batches < len(self):  # mid-pass: the rest of that epoch
+            self._skip = batches
+        elif epoch is not None and batches:  # the pass had ended: the next epoch
+            epoch += 1
+        if sampler is not None and epoch is not None:
+            sampler.set_epoch(int(epoch))
 
 
 class XMCDataModule(L.LightningDataModule):
@@ -96,9 +229,9 @@ class XMCDataModule(L.LightningDataModule):
         """Make ``self._datasets[split]`` available (subclasses open or build what is needed)."""
         raise NotImplementedError
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> ResumableDataLoader:
         self._ensure_split(split)
-        return DataLoader(
+        return ResumableDataLoader(
             self._datasets[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
@@ -106,6 +239,7 @@ class XMCDataModule(L.LightningDataModule):
             collate_fn=self._collate(split),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            seed=None if shuffle else self.seed,  # shuffled: drawn from the global generator (seed_everything)
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,176 @@
+"""What an exact resume needs beyond Lightning's own checkpoint: the global random states and a periodic,
+atomically written ``last.ckpt``.
+
+Lightning checkpoints the model, optimizers, schedulers, loops and callback states, and (through
+``state_dict``/``load_state_dict`` of the training DataLoader, see :class:`datamodules.base.ResumableDataLoader`)
+the position inside an epoch. It does not checkpoint the global random generators (python ``random``, numpy,
+torch CPU and CUDA), so a resumed run would draw other dropout masks than an uninterrupted one:
+:class:`RandomStateCheckpoint` adds them. Lightning 2.x hands the loader its state only while it builds the
+training loader after the checkpoint was read, which never happens when ``configure_optimizers`` asked for
+``trainer.estimated_stepping_batches`` (that builds the loader first; every module with a step schedule does):
+:class:`RestoreLoaderPosition` hands it over at ``on_train_start``. :class:`LastCheckpoint` writes ``last.ckpt``
+every ``N`` optimizer steps (mid-epoch) for ``fit --ckpt_path last``, through a temporary file in the same
+directory and an atomic rename, so a process killed while writing leaves the previous ``last.ckpt`` whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+from weakref import proxy
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LastCheckpoint", "RandomStateCheckpoint", "RestoreLoaderPosition", "collect_random_states",
+           "set_random_states"]
+
+DEFAULT_EVERY_N_TRAIN_STEPS = 500
+
+
+def collect_random_states() -> dict[str, Any]:
+    """This process's global random states as plain data (loadable with ``torch.load(weights_only=True)``)."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`collect_random_states` returned (CUDA states only where as many devices are visible)."""
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("RandomStateCheckpoint: the checkpoint has %d CUDA random states, %d devices are visible; "
+                        "CUDA random states not restored", len(cuda), torch.cuda.device_count())
+
+
+class RandomStateCheckpoint(L.Callback):
+    """Checkpoint the global random states of every rank; restore them right before the first training batch after
+    a resume, so that dropout and any other draw from the global generators continue as in an uninterrupted run.
+
+    Restoring at the first ``on_train_batch_start`` rather than at load time skips whatever the resumed process
+    draws while it sets up (building the model, sanity validation, creating data loader iterators), which the
+    uninterrupted run drew before the checkpoint was written. Every rank gets its own state back when the world
+    size is unchanged; otherwise every rank takes rank 0's (with a warning).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": [collect_random_states()]}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Every rank dumps the checkpoint (rank 0 writes it): gather each rank's states into it.
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, collect_random_states())
+            checkpoint.setdefault("callbacks", {})[self.state_key] = {"ranks": gathered}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = list(state_dict.get("ranks") or []) or None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        ranks, self._pending = self._pending, None
+        rank = trainer.global_rank
+        if len(ranks) != trainer.world_size:
+            log.warning("RandomStateCheckpoint: the checkpoint holds %d ranks' random states, this run has %d; "
+                        "every rank takes rank 0's", len(ranks), trainer.world_size)
+            rank = 0
+        set_random_states(ranks[rank])
+
+
+class RestoreLoaderPosition(L.Callback):
+    """Give the training loaders the states the checkpoint holds for them when Lightning did not.
+
+    Lightning 2.x loads the checkpointed loader states (``fit_loop`` state ``combined_loader``) only in
+    ``FitLoop.setup_data``, and only if that builds the loaders after the checkpoint was read; when
+    ``configure_optimizers`` calls ``trainer.estimated_stepping_batches`` the loaders were built before, the states
+    stay unused and the resumed epoch starts over with a new order. At ``on_train_start`` (after the restore, before
+    the first batch) this loads them and re-creates the loader iterators, so that a stateful loader (such as
+    :class:`datamodules.base.ResumableDataLoader`) serves the rest of the interrupted epoch.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        states = getattr(fit_loop, "_combined_loader_states_to_load", None)
+        combined = getattr(fit_loop, "_combined_loader", None)
+        fetcher = getattr(fit_loop, "_data_fetcher", None)
+        if not states or combined is None:
+            return  # nothing pending: Lightning loaded them itself, or there were none
+        if fetcher is None:
+            log.warning("RestoreLoaderPosition: this Lightning version's fit loop has no data fetcher; the training "
+                        "loaders' states are not restored")
+            return
+        from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
+
+        combined._load_state_dicts(states)
+        fit_loop._combined_loader_states_to_load = []
+        for loader in combined.flattened:  # the iterators were made before the states: make them again
+            _shutdown_workers_and_reset_iterator(loader)
+        iter(fetcher)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` only (no top-k), every ``every_n_train_steps`` optimizer steps, also mid-epoch, and at the end
+    of training; found by ``trainer.fit(ckpt_path="last")`` / ``xmc-dst fit --ckpt_path last``.
+
+    On a local file system the checkpoint is written to ``last.ckpt.partial`` in the same directory and renamed
+    over ``last.ckpt`` (``os.replace``, atomic on POSIX): Lightning's own atomic save writes through the system
+    temporary directory and falls back to a plain copy, which is not atomic, when that lies on another file system
+    than the logs.
+
+    Args:
+        every_n_train_steps: optimizer steps between two saves (default 500).
+        dirpath: where to write (default: the logger's ``<save_dir>/<name>/<version>/checkpoints``).
+    """
+
+    def __init__(self, every_n_train_steps: int = DEFAULT_EVERY_N_TRAIN_STEPS, dirpath: str | None = None) -> None:
+        if every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        super().__init__(dirpath=dirpath, monitor=None, save_last=True, save_top_k=0,
+                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not _is_local_file_protocol(filepath):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        partial = f"{filepath}.partial"
+        trainer.save_checkpoint(partial, self.save_weights_only)  # on rank 0, with a barrier
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        trainer.strategy.barrier("LastCheckpoint.replace")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
