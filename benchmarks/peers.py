@@ -56,7 +56,11 @@ are kept, the others replaced; ``peers.md``, the table of all rows. Row schema (
      # and, for the record:
      "features_s": float, "params": str, "threads": int, "train_docs": int, "test_docs": int, "num_labels": int,
      "propensity": str, "per_run": [{"P@1": ..., ..., "train_s": ..., "predict_s": ...}, ...],
-     "machine": str, "commit": str, "command": str, "date": str}
+     "load_avg": [1-min load average at the start, at the end], "machine": str, "commit": str, "command": str,
+     "date": str}
+
+The machine's load average is recorded because the project machine is shared: with other jobs running, the times
+(not the metrics) grow.
 
 ``benchmarks/quality.py`` imports :func:`run_peers` (or reads ``peers.jsonl``) to put these rows in its table.
 """
@@ -545,6 +549,7 @@ def run_peers(datasets: Sequence[str] = DATASETS, runs: int = 3, threads: int = 
                 continue
             fit_predict, params = PEERS[system]
             per_run = []
+            load_start = os.getloadavg()[0]
             try:
                 for run in range(runs):
                     topk, train_s, predict_s = fit_predict(data, threads, run)
@@ -561,6 +566,7 @@ def run_peers(datasets: Sequence[str] = DATASETS, runs: int = 3, threads: int = 
                 "metrics": {m: mean_std([r[m] for r in per_run]) for m in METRICS},
                 "train_s": mean_std([r["train_s"] for r in per_run]),
                 "predict_s": mean_std([r["predict_s"] for r in per_run]),
+                "load_avg": [round(load_start, 2), round(os.getloadavg()[0], 2)],
                 "features": data.features, "features_s": data.features_s, "params": params,
                 "train_docs": data.x_train.shape[0], "test_docs": data.x_test.shape[0], "num_labels": data.num_labels,
                 "train_split": "90% (our models' training rows)" if holdout else "full training split",
@@ -582,13 +588,14 @@ def _cell(pair: Sequence[float], digits: int = 2) -> str:
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of ``rows`` (mean ± std over runs), with the features and provenance under it."""
     lines = [
-        "| dataset | system | runs | P@1 | P@3 | P@5 | PSP@1 | PSP@3 | PSP@5 | train s | predict s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | system | runs | P@1 | P@3 | P@5 | PSP@1 | PSP@3 | PSP@5 | train s | predict s | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         metrics = " | ".join(_cell(row["metrics"][m]) for m in METRICS)
+        load = "/".join(f"{x:.1f}" for x in row.get("load_avg", [])) or "-"
         lines.append(f"| {row['dataset']} | {row['system']} | {row['runs']} | {metrics} | {_cell(row['train_s'])} | "
-                     f"{_cell(row['predict_s'])} |")
+                     f"{_cell(row['predict_s'])} | {load} |")
     lines.append("")
     seen: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -601,7 +608,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines += [f"- {system}: {params}." for system, params in systems.items()]
     provenance = sorted({(row["machine"], row["commit"], row["command"], row["threads"]) for row in rows})
     for host, commit, command, threads in provenance:
-        lines.append(f"- Measured on {host}, {threads} threads, commit {commit[:12]}: `{command}`.")
+        lines.append(f"- Measured on {host}, {threads} threads, commit {commit[:12]}: `{command}`. Mean ± sample std "
+                     f"over runs; load = the machine's 1-min load average at the start/end of the row (times grow "
+                     f"with it; the metrics do not).")
     return "\n".join(lines) + "\n"
 
 

@@ -165,7 +165,7 @@ def test_row_schema_and_markdown() -> None:
            "test_docs": 1, "num_labels": 1, "train_split": "full", "propensity": "A", "notes": [], "machine": "m",
            "commit": "c" * 40, "command": "python x", "threads": 2}
     text = peers.markdown([row])
-    assert "| toy | s | 2 | 1.00 ± 0.50 |" in text and "`python x`" in text
+    assert "| toy | s | 2 | 1.00 ± 0.50 |" in text and "| - |" in text and "`python x`" in text
     assert peers.mean_std([1.0, 2.0, 3.0]) == [2.0, 1.0] and peers.mean_std([4.0]) == [4.0, 0.0]
     assert math.isclose(peers.mean_std([0.1, 0.2])[0], 0.15)
     assert importlib.util.find_spec("yaml") is not None  # the protocol is read from configs/<dataset>.yaml
