@@ -10,6 +10,13 @@ written twice. Every run logs to CSV (``<save_dir>/<name>/version_<n>/metrics.cs
 ends ``test``/``validate`` with a rich table of the metrics. Model selection and early stopping follow ``monitor``
 (default ``val/P@3``, as the authors).
 
+Resuming: ``last.ckpt`` is written every ``--last_checkpoint.every_n_train_steps`` optimizer steps (default 500),
+also mid-epoch, atomically (:class:`callbacks.LastCheckpoint`); the checkpoint also holds the global random
+states (:class:`callbacks.RandomStateCheckpoint`) and the training loader's position
+(:class:`datamodules.base.ResumableDataLoader`, handed back by :class:`callbacks.RestoreLoaderPosition`).
+``xmc-dst fit ... --ckpt_path last`` continues the newest run of the same logger ``save_dir``/``name`` in its own
+version directory (metrics appended, best checkpoint kept) and trains as the uninterrupted run would have.
+
 Further subcommands that are not Lightning's (e.g. a memory estimate) go in :data:`EXTRA_SUBCOMMANDS`, directly
 or with :func:`register_subcommand`: ``name -> (function, one-line help)``, where the function takes the remaining
 arguments and returns an exit status, and may be given as ``"module:function"`` so that it is imported only when
@@ -19,8 +26,10 @@ its subcommand runs. :func:`main` dispatches them before the LightningCLI.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -28,11 +37,14 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Progress
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.oom import OutOfMemoryAdvisor
+from callbacks.resume import LastCheckpoint, RandomStateCheckpoint, RestoreLoaderPosition
 from datamodules.base import XMCDataModule
 from xmc_dst.inference import JsonLinesPredictionWriter
 from xmc_dst.model import XMCModule
 
 __all__ = ["EXTRA_SUBCOMMANDS", "XMCLightningCLI", "cli", "main", "metrics_table", "register_subcommand"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MONITOR = "val/P@3"
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -67,6 +79,25 @@ def _tokenizer_of(data: Any) -> str | None:
 
 def _num_features_of(data: Any) -> int | None:
     return getattr(data, "num_features", None) if hasattr(type(data), "num_features") else None
+
+
+def _get_key(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` of a jsonargparse Namespace or a dict, ``default`` when absent."""
+    try:
+        value = config[key] if isinstance(config, dict) else getattr(config, key)
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+def latest_version_with_last_checkpoint(save_dir: str | Path, name: str) -> int | None:
+    """The ``version_<n>`` under ``save_dir/name`` whose ``checkpoints/last*.ckpt`` was written last, if any."""
+    newest: tuple[float, int] | None = None
+    for path in Path(save_dir, name).glob("version_*/checkpoints/last*.ckpt"):
+        suffix = path.parent.parent.name.removeprefix("version_")
+        if suffix.isdigit() and (newest is None or path.stat().st_mtime > newest[0]):
+            newest = (path.stat().st_mtime, int(suffix))
+    return None if newest is None else newest[1]
 
 
 def metrics_table(metrics: dict[str, float], title: str) -> Any:
@@ -120,6 +151,8 @@ class XMCLightningCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.link_arguments("monitor", "checkpoint.monitor")
+        # Always on: a periodic, atomically written last.ckpt that `fit --ckpt_path last` resumes from.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({
             "early_stopping.mode": "max",
@@ -135,14 +168,36 @@ class XMCLightningCLI(LightningCLI):
         parser.link_arguments("data", "model.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
         parser.link_arguments("data", "model.num_features", compute_fn=_num_features_of, apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path last``: log to the version directory of the run being resumed (unless a version is
+        given), where Lightning looks for ``last.ckpt`` and where the best-checkpoint state stays valid."""
+        if self.subcommand != "fit" or _get_key(self.config[self.subcommand], "ckpt_path") != "last":
+            return
+        logger = _get_key(_get_key(self.config[self.subcommand], "trainer"), "logger")
+        init_args = _get_key(logger, "init_args")
+        if init_args is None or _get_key(init_args, "version") is not None:
+            return
+        save_dir, name = _get_key(init_args, "save_dir"), _get_key(init_args, "name")
+        if save_dir is None or name is None:
+            return
+        version = latest_version_with_last_checkpoint(save_dir, str(name))
+        if version is not None:
+            init_args["version"] = version
+            log.info("resuming %s/%s/version_%d from its last checkpoint", save_dir, name, version)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add a rich progress bar unless the config has a progress bar or disables it."""
+        """Add what an exact resume needs (random states, the loader position) and a rich progress bar (unless the
+        config has a progress bar or disables it)."""
         config = self._get(self.config_init, "trainer", default={}) or {}
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        for resume in (RandomStateCheckpoint, RestoreLoaderPosition):  # exact resume, always on
+            if not any(isinstance(cb, resume) for cb in callbacks):
+                callbacks.append(resume())
         if config.get("enable_progress_bar", True) is not False and not any(
                 isinstance(cb, ProgressBar) for cb in callbacks):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            callbacks.append(RichProgressBar())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     # The subcommands run these methods instead of the Trainer's (LightningCLI looks them up by name).
