@@ -41,7 +41,8 @@ Protocol (the one of ``configs/<dataset>.yaml`` and ``benchmarks/quality.py``):
   ``datamodules.base.jain_propensity``) over the label counts of the training documents our models use (the config's
   90%), so that the PS weights are the same as in the models' rows of the quality table. ``--propensity full-train``
   counts over the whole training file instead; every row also carries the PSP@k under the other choice
-  (``alt_psp``): the weights change with N, so the two differ by up to a few tenths of a point on the small sets.
+  (``alt_psp``). They differ: with 10% fewer documents every label count and N shrink, and PSP@1 moves by 0.3
+  (Bibtex) to 0.9 (Debtags) points, the same for every system, so compare PSP only between rows with the same weights.
 - Times: ``train_s`` = fitting the peer on ready features (for omikuji this includes its parsing of the XC training
   file it requires; writing that file is not counted), ``predict_s`` = top-5 predictions for the whole test split
   (omikuji predicts one document per call from Python). Building the features is timed apart (``features_s``).
