@@ -1,0 +1,244 @@
+"""Exact resume: a run killed mid-epoch and resumed from ``last.ckpt`` ends bit-identical to an uninterrupted one.
+
+The reference is the uninterrupted run itself (same seed, same code, CPU fp32): after the resumed run, every weight
+and buffer (the sparse head's indices included), the optimizer and scheduler states, the DST schedule and the
+validation metrics must be *equal* (``torch.equal``), not close. The run is a real ``XMCModule`` with the tiny
+random BERT (dropout on, so the global random stream matters), a sparse head under ``DynamicSparseTraining``
+(``seed=None``: its stream is drawn from the global generator) and an auxiliary head under ``AuxiliaryObjective``.
+
+The comparison can fail: the negative controls resume without ``RandomStateCheckpoint`` (other dropout masks) and
+without ``RestoreLoaderPosition`` (Lightning then never hands the loader its state, because ``configure_optimizers``
+built the loader before the restore, and the resumed epoch starts over in a new order); both end with other weights.
+Verified by hand as well: with ``ResumableDataLoader.load_state_dict`` a no-op, or the loader's batch count off by
+one, the weights differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from callbacks import (
+    AuxiliaryObjective,
+    DynamicSparseTraining,
+    LastCheckpoint,
+    RandomStateCheckpoint,
+    RestoreLoaderPosition,
+)
+from datamodules.base import EpochRandomSampler, ResumableDataLoader
+from xmc_dst.encoders import TransformerEncoder
+from xmc_dst.model import XMCModule
+
+TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db",
+          "file": "works-with::file", "library": "role::shared-lib"}
+BATCHES_PER_EPOCH, EPOCHS = 10, 2  # 40 training documents, batch 4: 20 optimizer steps
+RESUME_STEP = 13  # mid-epoch (epoch 1, batch 3); DST rewires at 4, 8, 12 before and 16 after it
+AUX_CUTOFF = 16  # the auxiliary head exists when the checkpoint is written and is removed after the resume
+
+
+def write_dataset(directory: Path, train: int = 40, test: int = 12, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        texts, labels = [], []
+        for _ in range(count):
+            words = rng.sample(sorted(TOPICS), rng.randint(1, 3))
+            texts.append(" ".join(words + ["the", "tool"]))
+            labels.append(" ".join(TOPICS[w] for w in words))
+        (directory / f"{split}_texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+        (directory / f"{split}_labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("resume_data"))
+
+
+class Crash(RuntimeError):
+    """Stands in for the process dying."""
+
+
+class CrashAfter(L.Callback):
+    """Dies at the start of the batch after optimizer step ``step`` (after ``last.ckpt`` of that step is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash(f"killed at step {self.step}")
+
+
+class Record(L.Callback):
+    """Validation metrics of every epoch and the step at which the auxiliary head was gone."""
+
+    def __init__(self) -> None:
+        self.val: list[dict[str, torch.Tensor]] = []
+        self.aux_gone_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val.append({k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.aux_head is None and self.aux_gone_at is None:
+            self.aux_gone_at = trainer.global_step
+
+
+def make_run(data_dir: Path, encoder_dir: Path, root: Path, *extra: L.Callback, random_states: bool = True,
+             loader_position: bool = True):
+    from datamodules import RawTextXMCDataModule
+
+    data = RawTextXMCDataModule(data_dir, tokenizer=str(encoder_dir), max_length=12, batch_size=4,
+                                cache_dir=data_dir.parent / "token_cache")  # tokenised once
+    data.prepare_data()
+    data.setup("fit")
+    model = XMCModule(encoder=functools.partial(TransformerEncoder, pooling="mean", dropout=0.2),
+                      num_labels=data.num_labels, tokenizer=str(encoder_dir), fan_in=4, intermediate_dim=8,
+                      aux_clusters=2, encoder_lr=3e-3, head_lr=3e-2, aux_lr=3e-2, warmup_steps=3, loss="bce",
+                      loss_reduction="batch_mean")
+    dst = DynamicSparseTraining(interval=4, end=1.0, threshold=0.05, seed=None)
+    aux = AuxiliaryObjective(alpha=0.4, cutoff_step=AUX_CUTOFF, build_clusters=False)
+    record = Record()
+    callbacks = [dst, aux, record, LastCheckpoint(every_n_train_steps=RESUME_STEP, dirpath=str(root)), *extra]
+    if random_states:
+        callbacks.append(RandomStateCheckpoint())
+    if loader_position:
+        callbacks.append(RestoreLoaderPosition())
+    trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+                        default_root_dir=str(root), deterministic=True)
+    return trainer, model, data, dst, record
+
+
+def scramble_global_random_state(seed: int) -> None:
+    """A fresh process: every global generator somewhere else than where the checkpointed run left it."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def assert_same_training_state(resumed: L.Trainer, straight: L.Trainer) -> None:
+    a, b = resumed.lightning_module.state_dict(), straight.lightning_module.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    oa, ob = resumed.optimizers[0].state_dict(), straight.optimizers[0].state_dict()
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for index, state in oa["state"].items():
+        for name, value in state.items():
+            other = ob["state"][index][name]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (index, name)
+    assert resumed.lr_scheduler_configs[0].scheduler.state_dict()["_last_lr"] == \
+        straight.lr_scheduler_configs[0].scheduler.state_dict()["_last_lr"]
+
+
+@dataclass
+class Reference:
+    """The uninterrupted run and the checkpoint of the run that died at ``RESUME_STEP`` (same seed)."""
+
+    straight: L.Trainer
+    dst: DynamicSparseTraining
+    record: Record
+    first_dst: DynamicSparseTraining
+    first_record: Record
+    checkpoint_dir: Path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_text: Path, tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    root = tmp_path_factory.mktemp("resume_runs")
+    scramble_global_random_state(7)
+    straight, model, data, dst, record = make_run(tiny_text, tiny_encoder_dir, root / "straight")
+    straight.fit(model, datamodule=data)
+    assert straight.global_step == BATCHES_PER_EPOCH * EPOCHS
+    scramble_global_random_state(7)
+    first, model, data, first_dst, first_record = make_run(tiny_text, tiny_encoder_dir, root / "killed",
+                                                           CrashAfter(RESUME_STEP))
+    with pytest.raises(Crash):
+        first.fit(model, datamodule=data)
+    return Reference(straight, dst, record, first_dst, first_record, root / "killed")
+
+
+def resume(reference: Reference, tiny_text: Path, tiny_encoder_dir: Path, tmp_path: Path, **kwargs: bool):
+    """A fresh process's resume: new module, data, trainer and callbacks, other global random states."""
+    checkpoint_dir = tmp_path / "killed"
+    shutil.copytree(reference.checkpoint_dir, checkpoint_dir)
+    scramble_global_random_state(12345)
+    trainer, model, data, dst, record = make_run(tiny_text, tiny_encoder_dir, checkpoint_dir, **kwargs)
+    trainer.fit(model, datamodule=data, ckpt_path="last")  # found in LastCheckpoint's directory
+    assert trainer.global_step == reference.straight.global_step
+    return trainer, model, dst, record
+
+
+def test_killed_mid_epoch_run_resumes_bit_identically(reference, tiny_text, tiny_encoder_dir, tmp_path):
+    checkpoint = torch.load(reference.checkpoint_dir / "last.ckpt", weights_only=True)  # plain data only
+    assert checkpoint["global_step"] == RESUME_STEP and checkpoint["epoch"] == 1  # mid-epoch
+    assert "aux_head.weight" in checkpoint["state_dict"]  # the auxiliary head is still there
+    assert [int(h["step"]) for h in reference.first_dst.history] == [4, 8, 12]
+    loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["batches"] == RESUME_STEP - BATCHES_PER_EPOCH and loader_state["epoch"] == 1
+
+    resumed, model, dst, record = resume(reference, tiny_text, tiny_encoder_dir, tmp_path)
+    assert [int(h["step"]) for h in dst.history] == [16]  # rewired after the resume point
+    without_time = [{k: v for k, v in h.items() if k != "dst/update_seconds"} for h in
+                    reference.first_dst.history + dst.history]
+    assert without_time == [{k: v for k, v in h.items() if k != "dst/update_seconds"} for h in reference.dst.history]
+    # Removed across the resume: at the start of the batch after optimizer step AUX_CUTOFF.
+    assert record.aux_gone_at == reference.record.aux_gone_at == AUX_CUTOFF + 1
+    assert model.aux_head is None
+    assert_same_training_state(resumed, reference.straight)
+    assert int(model.head.topology_version) == 4
+    assert dst.ever_active["head"].count == reference.dst.ever_active["head"].count
+    # Validation after the first epoch ran before the crash; the second epoch's in the resumed process.
+    assert len(reference.first_record.val) == 1 and len(record.val) == 1 and len(reference.record.val) == 2
+    for got, expected in ((reference.first_record.val[0], reference.record.val[0]),
+                          (record.val[0], reference.record.val[1])):
+        assert got.keys() == expected.keys() and "val/P@1" in got
+        for key in got:
+            assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("missing", ["random_states", "loader_position"])
+def test_without_random_states_or_loader_position_the_resumed_run_differs(missing, reference, tiny_text,
+                                                                          tiny_encoder_dir, tmp_path):
+    """Negative controls: the comparison above sees the dropout masks and the order of the resumed epoch."""
+    resumed, *_ = resume(reference, tiny_text, tiny_encoder_dir, tmp_path, **{missing: False})
+    with pytest.raises(AssertionError):
+        assert_same_training_state(resumed, reference.straight)
+
+
+def test_loader_resumes_mid_epoch_and_at_epoch_boundaries():
+    """The loader alone: the rest of the interrupted epoch in the same order, then the next epochs unchanged."""
+    dataset = list(range(23))
+    reference = ResumableDataLoader(dataset, batch_size=4, shuffle=True, seed=3)
+    assert isinstance(reference.sampler, EpochRandomSampler)
+    epochs = [[b.tolist() for b in reference] for _ in range(3)]
+    assert epochs[0] != epochs[1] and sorted(sum(epochs[0], [])) == dataset
+    for consumed in range(0, len(reference) + 1):
+        scramble_global_random_state(consumed)
+        loader = ResumableDataLoader(dataset, batch_size=4, shuffle=True, seed=3)
+        iterator = iter(loader)
+        seen = [next(iterator).tolist() for _ in range(consumed)]
+        state = loader.state_dict()
+        assert state["batches"] == consumed and state["length"] == len(reference) == 6
+        fresh = ResumableDataLoader(dataset, batch_size=4, shuffle=True)  # another seed until the state is loaded
+        fresh.load_state_dict(state)
+        rest = [b.tolist() for b in fresh]
+        if consumed < len(reference):
+            assert seen + rest == epochs[0]
+            assert [b.tolist() for b in fresh] == epochs[1]
+        else:  # saved at the end of the pass: the next epoch
+            assert rest == epochs[1]
+    with pytest.raises(ValueError, match="batches"):
+        ResumableDataLoader(dataset, batch_size=5, shuffle=True).load_state_dict(state)
