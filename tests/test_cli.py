@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,3 +212,43 @@ def test_estimate_memory_is_an_xmc_dst_subcommand() -> None:
 
     function, _ = EXTRA_SUBCOMMANDS["estimate-memory"]
     assert _resolve_subcommand(function) is memory.estimate_memory_main
+
+
+def test_resume_callbacks_are_on_by_default(tiny_data, tiny_encoder_dir, tmp_path):
+    from callbacks import LastCheckpoint, RandomStateCheckpoint, RestoreLoaderPosition
+
+    run = cli(base_args(tiny_data, tiny_encoder_dir, tmp_path, "--last_checkpoint.every_n_train_steps", "7"),
+              run=False)
+    callbacks = run.trainer.callbacks
+    last = [cb for cb in callbacks if isinstance(cb, LastCheckpoint)]
+    assert len(last) == 1 and last[0]._every_n_train_steps == 7 and last[0].save_last and last[0].save_top_k == 0
+    assert run.trainer.checkpoint_callback is not last[0]  # "best" (test_after_fit) is still the monitored one
+    assert sum(isinstance(cb, RandomStateCheckpoint) for cb in callbacks) == 1
+    assert sum(isinstance(cb, RestoreLoaderPosition) for cb in callbacks) == 1
+    default = cli(base_args(tiny_data, tiny_encoder_dir, tmp_path), run=False)
+    assert [cb._every_n_train_steps for cb in default.trainer.callbacks if isinstance(cb, LastCheckpoint)] == [500]
+
+
+def test_ckpt_path_last_continues_the_newest_version_with_a_last_checkpoint(tmp_path):
+    from xmc_dst.cli import XMCLightningCLI, latest_version_with_last_checkpoint
+
+    logs = tmp_path / "logs"
+    for version, age in ((0, 30), (3, 10), (4, None), (12, 20)):  # version_4 has no last.ckpt (killed too early)
+        checkpoints = logs / "tiny" / f"version_{version}" / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        if age is not None:
+            (checkpoints / "last.ckpt").write_bytes(b"")
+            os.utime(checkpoints / "last.ckpt", (1e9 - age, 1e9 - age))
+    assert latest_version_with_last_checkpoint(logs, "tiny") == 3  # the newest last.ckpt, not the highest number
+    assert latest_version_with_last_checkpoint(logs, "other") is None
+
+    def resolved(ckpt_path, version=None, subcommand="fit"):
+        init_args = {"save_dir": str(logs), "name": "tiny", "version": version}
+        config = {"ckpt_path": ckpt_path, "trainer": {"logger": {"class_path": "CSVLogger", "init_args": init_args}}}
+        XMCLightningCLI.before_instantiate_classes(SimpleNamespace(subcommand=subcommand, config={subcommand: config}))
+        return init_args["version"]
+
+    assert resolved("last") == 3
+    assert resolved("last", version=12) == 12  # an explicit version wins
+    assert resolved(None) is None and resolved("best.ckpt") is None  # a new run: a new version
+    assert resolved("last", subcommand="validate") is None

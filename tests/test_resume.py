@@ -242,3 +242,40 @@ def test_loader_resumes_mid_epoch_and_at_epoch_boundaries():
             assert rest == epochs[1]
     with pytest.raises(ValueError, match="batches"):
         ResumableDataLoader(dataset, batch_size=5, shuffle=True).load_state_dict(state)
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_is_replaced_atomically_every_n_steps_mid_epoch(tmp_path):
+    """Every save goes to ``last.ckpt.partial`` and is renamed over ``last.ckpt``: while it is written, the previous
+    ``last.ckpt`` is whole (the reference: the checkpoint of the previous save, loaded again)."""
+    saves: list[tuple[str, int | None]] = []
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[LastCheckpoint(every_n_train_steps=3,
+                                                                              dirpath=str(tmp_path))])
+    save = trainer.save_checkpoint
+    last = tmp_path / "last.ckpt"
+
+    def recording_save(path, *args, **kwargs):
+        previous = torch.load(last, weights_only=True)["global_step"] if last.exists() else None
+        saves.append((Path(path).name, previous))
+        return save(path, *args, **kwargs)
+
+    trainer.save_checkpoint = recording_save
+    trainer.fit(Tiny(), ResumableDataLoader(torch.randn(20, 3), batch_size=4, shuffle=True, seed=0))  # 5 per epoch
+    assert saves == [("last.ckpt.partial", None), ("last.ckpt.partial", 3), ("last.ckpt.partial", 6)]
+    assert torch.load(last, weights_only=True)["global_step"] == 9  # mid-epoch 1, and never an epoch end
+    assert not (tmp_path / "last.ckpt.partial").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.ckpt"]
+    with pytest.raises(ValueError, match=">= 1"):
+        LastCheckpoint(every_n_train_steps=0)
