@@ -279,3 +279,44 @@ def test_last_checkpoint_is_replaced_atomically_every_n_steps_mid_epoch(tmp_path
         "last.ckpt"]
     with pytest.raises(ValueError, match=">= 1"):
         LastCheckpoint(every_n_train_steps=0)
+
+
+class TinyWithDropout(Tiny):
+    """Dropout (per-rank random streams) and a step schedule's ``estimated_stepping_batches`` (which builds the
+    training loader before the checkpoint is read, the case ``RestoreLoaderPosition`` exists for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(self.drop(batch)).pow(2).mean()
+
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches == 8
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_two_process_ddp_run_resumes_bit_identically(tmp_path):
+    """Under DDP Lightning swaps in its DistributedSampler (the loader state then carries its epoch) and every rank
+    gets its own random state back. 32 documents, 2 ranks, batch 4: 4 steps per epoch, killed at step 6."""
+
+    def run(root: Path, seed: int, crash: bool = False, ckpt_path: str | None = None) -> torch.Tensor:
+        torch.manual_seed(seed)
+        callbacks = [LastCheckpoint(every_n_train_steps=6, dirpath=str(root)), RestoreLoaderPosition(),
+                     RandomStateCheckpoint()]  # verified by hand: without it the resumed weights differ
+        callbacks += [CrashAfter(6)] if crash else []
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        model = TinyWithDropout()
+        loader = ResumableDataLoader(torch.arange(96.0).reshape(32, 3) / 96, batch_size=4, shuffle=True, seed=1)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+        return model.layer.weight.detach().clone()  # rank 0's, copied back to this process
+
+    straight = run(tmp_path / "straight", seed=0)
+    with pytest.raises(Exception, match="killed at step 6"):
+        run(tmp_path / "killed", seed=0, crash=True)
+    checkpoint = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 2  # mid-epoch 1
+    assert len(checkpoint["callbacks"]["RandomStateCheckpoint"]["ranks"]) == 2
+    assert torch.equal(run(tmp_path / "killed", seed=99, ckpt_path="last"), straight)
