@@ -133,6 +133,10 @@ class RestoreLoaderPosition(L.Callback):
             return
         from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 
+        progress = fit_loop.epoch_loop.batch_progress.current
+        if progress.ready >= trainer.num_training_batches:  # saved at an epoch end (limit_train_batches: early)
+            states = [{**state, "batches": state["length"]} if {"batches", "length"} <= set(state) else state
+                      for state in states]
         combined._load_state_dicts(states)
         fit_loop._combined_loader_states_to_load = []
         for loader in combined.flattened:  # the iterators were made before the states: make them again

@@ -10,8 +10,8 @@ loader at all.
 Loaders are :class:`ResumableDataLoader`: the training order of an epoch is a function of a seed and the epoch, and
 the loader's ``state_dict`` (which Lightning stores in every checkpoint) says how many batches of the epoch were
 consumed, so a run resumed from a mid-epoch checkpoint sees exactly the remaining batches in the same order. No
-loader draws from the global torch generator while training (the shuffle seed is drawn once, when the loader is
-built), so validation does not shift the random stream that dropout uses.
+loader draws from the global torch generator while training (the shuffle seed is the ``seed_everything`` seed),
+so validation does not shift the random stream that dropout uses.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,8 +59,12 @@ def jain_propensity(label_counts: torch.Tensor, num_docs: int, a: float, b: floa
     return 1.0 / (1.0 + c * torch.exp(-a * torch.log(label_counts.double() + b))).float()
 
 
-def _draw_seed() -> int:
-    """A seed from the global torch generator (so that ``seed_everything`` decides it)."""
+def _default_seed() -> int:
+    """The ``seed_everything`` seed (``PL_GLOBAL_SEED``, as Lightning's ``DistributedSampler``), so that a resumed
+    process shuffles as the killed one even where the checkpoint holds no loader state (saved at an epoch end);
+    without it a draw from the global torch generator."""
+    if os.environ.get("PL_GLOBAL_SEED", "").lstrip("-").isdigit():
+        return int(os.environ["PL_GLOBAL_SEED"])
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
@@ -123,16 +128,17 @@ class _CountingIterator:
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning can resume mid-epoch (it has ``state_dict``/``load_state_dict``).
 
-    ``shuffle=True`` uses an :class:`EpochRandomSampler` seeded with ``seed`` (default: drawn from the global torch
-    generator), the workers' base seed comes from a private generator. The state is the shuffle seed, the epoch of
-    the current pass and the batches served in it; loading a mid-pass state makes the next pass serve the rest of
-    that epoch's order (the skipped batches are never loaded), a state at a pass boundary starts the next epoch.
+    ``shuffle=True`` uses an :class:`EpochRandomSampler` seeded with ``seed`` (default: the ``seed_everything``
+    seed, else a draw from the global torch generator), the workers' base seed comes from a private generator. The
+    state is the shuffle seed, the epoch of the current pass and the batches served in it; loading a mid-pass state
+    makes the next pass serve the rest of that epoch's order (the skipped batches are never loaded), a state at a
+    pass boundary starts the next epoch.
     Any other sampler (e.g. Lightning's ``DistributedSampler``) is resumed the same way through its ``epoch``.
     """
 
     def __init__(self, dataset: Any, batch_size: int | None = 1, shuffle: bool | None = None,
                  sampler: Any = None, *args: Any, seed: int | None = None, **kwargs: Any) -> None:
-        seed = _draw_seed() if seed is None else int(seed)
+        seed = _default_seed() if seed is None else int(seed)
         if shuffle and sampler is None and kwargs.get("batch_sampler") is None:
             sampler, shuffle = EpochRandomSampler(dataset, seed), None
         if kwargs.get("generator") is None:
@@ -239,7 +245,7 @@ class XMCDataModule(L.LightningDataModule):
             collate_fn=self._collate(split),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            seed=None if shuffle else self.seed,  # shuffled: drawn from the global generator (seed_everything)
+            seed=None if shuffle else self.seed,  # shuffled: the seed_everything seed
         )
 
     def train_dataloader(self) -> DataLoader:
