@@ -84,15 +84,12 @@ def xmc_dst_fit(tmp_path: Path, logs: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_metrics(version_dir: Path) -> dict[str, str]:
+def final_test_metrics(version_dir: Path) -> dict[str, str]:
     """The test metrics row of a run's metrics.csv (written once, by the test after fit)."""
     with (version_dir / "metrics.csv").open() as f:
         rows = [row for row in csv.DictReader(f) if row.get("test/P@1")]
     assert len(rows) == 1
     return {key: value for key, value in rows[0].items() if key.startswith("test/")}
-
-
-test_metrics.__test__ = False  # a helper, not a test
 
 
 def test_killed_cli_run_resumes_with_ckpt_path_last_to_the_same_result(tmp_path: Path) -> None:
@@ -125,6 +122,6 @@ def test_killed_cli_run_resumes_with_ckpt_path_last_to_the_same_result(tmp_path:
     assert resumed.returncode == 0, output[-3000:]
     assert f"Restoring states from the checkpoint path at {last}" in output
     assert not (version.parent / "version_1").exists()  # continued in the killed run's directory
-    expected = test_metrics(tmp_path / "straight" / "bibtex" / "version_0")
+    expected = final_test_metrics(tmp_path / "straight" / "bibtex" / "version_0")
     assert "test/P@1" in expected and "test/PSP@5" in expected
-    assert test_metrics(version) == expected  # every test metric, to the last digit logged
+    assert final_test_metrics(version) == expected  # every test metric, to the last digit logged
