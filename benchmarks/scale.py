@@ -311,7 +311,7 @@ def prepare_data(num_labels: int, args: argparse.Namespace, tokenizer: str) -> P
         print(f"  wrote {out} in {time.perf_counter() - began:.0f} s: {stats}", flush=True)
     began = time.perf_counter()
     data = RawTextXMCDataModule(out, tokenizer=tokenizer, max_length=args.max_length, batch_size=args.batch_size,
-                                cache_dir=Path(args.data_root) / "cache")
+                                cache_dir=Path(args.data_root) / "cache", num_proc=os.cpu_count() or 1)
     data.prepare_data()
     print(f"  tokenised cache of {out.name} ready in {time.perf_counter() - began:.0f} s", flush=True)
     return out
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     jsonl = args.out_dir / f"scale_{tag}.jsonl"
     if args.report_only:
         rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        write_reports(rows, args.out_dir, tag)
+        write_reports(rows, args.out_dir, tag, regenerated=True)
         return
 
     from datamodules.resources import default_tokenizer
@@ -446,12 +446,16 @@ def header_lines(meta: dict[str, Any]) -> list[str]:
     where = f"{m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM"
     if meta["device"] == "cuda":
         where = f"{m['gpu']} ({m['gpu_memory_gb']} GB) on {where}"
-    return [f"Machine: {where}; torch {m['torch']}, Python {m['python']}",
-            f"Command: `{meta['command']}` at commit {meta['commit']} ({meta['date']})"]
+    lines = [f"Machine: {where}; torch {m['torch']}, Python {m['python']}",
+             f"Command: `{meta['command']}` at commit {meta['commit']} ({meta['date']})"]
+    return lines + ([meta["regenerated"]] if meta.get("regenerated") else [])
 
 
-def write_reports(rows: list[dict[str, Any]], out_dir: Path, tag: str) -> None:
+def write_reports(rows: list[dict[str, Any]], out_dir: Path, tag: str, regenerated: bool = False) -> None:
     meta = next(row for row in rows if row.get("type") == "meta")
+    if regenerated:
+        meta = dict(meta, regenerated=f"table and plot rewritten from the jsonl by `--report-only` at commit "
+                                      f"{git_commit()} (measurements unchanged)")
     (out_dir / f"scale_{tag}.md").write_text(markdown(rows, meta), encoding="utf-8")
     plot(rows, meta, out_dir / ("scale_memory.png" if tag == "cpu" else f"scale_memory_{tag}.png"))
 
@@ -482,16 +486,21 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                if busy > 0.05 else "The machine was essentially idle while timed."))
     lines += [
         "- *docs/s*: documents of the timed steps over their wall time; *median step*: batch size over the median "
-        "timed step (less sensitive to bursts of other jobs). "
+        "timed step (less sensitive to bursts of other jobs); *docs per own CPU-s*: documents per CPU-second this "
+        "process used while timed, an indication (not a measurement) of what an uncontended core would do. "
         "*peak RSS*: the process's VmHWM (interpreter, libraries, tokenised data, model; all of it). *head "
         "params*: parameters of the label head. *head+optimizer*: the head's parameters, gradients, AdamW moments and "
         "int32 indices, counted from the live tensors. *estimate*: `xmc_dst.memory.estimate_memory` for the whole "
         "training step (static + activations, no interpreter or data), the number to compare with a device budget."
-        + (" *peak CUDA*: `torch.cuda.max_memory_allocated` during fit." if cuda else ""),
+        + (" *peak CUDA*: `torch.cuda.max_memory_allocated` during fit." if cuda else "")
+        + " Peak RSS exceeds the estimate by the interpreter, libraries and data (RSS at fit start minus the model's "
+        "parameters, `fit_start_rss_bytes` in the jsonl) and, with the dense head, by the AdamW step's temporary "
+        "copy of the second moments (`torch._foreach_sqrt` in `xmc_dst.optim`: one parameter-sized tensor, which the "
+        "estimate does not count).",
         "",
-        "| labels | head | fan-in | docs/s | docs/s, median step | peak RSS GB | " + ("peak CUDA GB | " if cuda else "")
-        + "head params | head+optimizer GB | estimate GB | others CPU |",
-        "|---:|---|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|---:|---:|",
+        "| labels | head | fan-in | docs/s | docs/s, median step | docs per own CPU-s | peak RSS GB | "
+        + ("peak CUDA GB | " if cuda else "") + "head params | head+optimizer GB | estimate GB | others CPU |",
+        "|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.get("type") not in ("run", "estimate"):
@@ -500,17 +509,19 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         fan_in = "-" if r["fan_in"] is None else (f"{r['fan_in']} of {r['intermediate_dim']}"
                                                   if r["intermediate_dim"] else f"{r['fan_in']} of 768")
         if r["type"] == "estimate":
-            lines.append(f"| {r['labels']:,} | {name} | {fan_in} | (estimate only) | - | - | "
+            lines.append(f"| {r['labels']:,} | {name} | {fan_in} | (estimate only) | - | - | - | "
                          + ("- | " if cuda else "")
                          + f"{head_params(r):,} | {r['estimate_head_state_gb']:.2f} | {r['estimate_gb']:.2f} | - |")
         elif "error" in r:
-            lines.append(f"| {r['labels']:,} | {name} | {fan_in} | error: {r['error'][:120]} | - | - | "
+            lines.append(f"| {r['labels']:,} | {name} | {fan_in} | error: {r['error'][:120]} | - | - | - | "
                          + ("- | " if cuda else "") + f"{head_params(r):,} | - | {r['estimate_gb']:.2f} | - |")
         else:
             cuda_cell = f"{r['peak_cuda_bytes'] / GB:.2f} | " if cuda else ""
             share = "-" if r.get("others_cpu_share") is None else f"{100 * r['others_cpu_share']:.0f}%"
+            own = r.get("own_cpu_share")
+            per_cpu = f"{r['docs_per_s'] / (own * meta['machine']['cores']):.1f}" if own else "-"
             lines.append(f"| {r['labels']:,} | {name} | {fan_in} | {r['docs_per_s']:.1f} | "
-                         f"{r['docs_per_s_median_step']:.1f} | "
+                         f"{r['docs_per_s_median_step']:.1f} | {per_cpu} | "
                          f"{r['peak_rss_bytes'] / GB:.2f} | {cuda_cell}{r['head_params']:,} | "
                          f"{r['head_state_bytes'] / GB:.3f} | {r['estimate_gb']:.2f} | {share} |")
     return "\n".join(lines) + "\n"
@@ -550,10 +561,10 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
             peak_key = "peak_cuda_bytes" if cuda else "peak_rss_bytes"
             ax.plot([r["labels"] for r in runs], [r[peak_key] / GB for r in runs], "o-", color=color,
                     label=f"{name}: measured peak {'CUDA' if cuda else 'RSS'}")
-            if variant != "sparse-int" or not any(r["variant"] == "sparse" for r in rows):
+            if variant != "sparse-int" or not any(r.get("variant") == "sparse" for r in rows):
                 ax.plot([r["labels"] for r in runs], [r["head_state_bytes"] / GB for r in runs], "s:", color=color,
                         label=f"{name}: measured head+optimizer")
-        if variant == "sparse-int" and any(r["variant"] == "sparse" for r in rows):
+        if variant == "sparse-int" and any(r.get("variant") == "sparse" for r in rows):
             continue  # its head state and estimate lie on the sparse head's (the 1024-wide layer adds 13 MB)
         ax.plot([r["labels"] for r in all_rows], [r["estimate_gb"] for r in all_rows], "^--", color=color,
                 alpha=0.6, mfc="none", label=f"{name}: estimate (whole step)")
