@@ -559,8 +559,10 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
         name = VARIANT_LABEL[variant]
         if runs:
             peak_key = "peak_cuda_bytes" if cuda else "peak_rss_bytes"
-            ax.plot([r["labels"] for r in runs], [r[peak_key] / GB for r in runs], "o-", color=color,
-                    label=f"{name}: measured peak {'CUDA' if cuda else 'RSS'}")
+            style = dict(marker="D", linestyle="-.", mfc="none", markersize=9) if variant == "sparse-int" else \
+                dict(marker="o", linestyle="-")
+            ax.plot([r["labels"] for r in runs], [r[peak_key] / GB for r in runs], color=color,
+                    label=f"{name}: measured peak {'CUDA' if cuda else 'RSS'}", **style)
             if variant != "sparse-int" or not any(r.get("variant") == "sparse" for r in rows):
                 ax.plot([r["labels"] for r in runs], [r["head_state_bytes"] / GB for r in runs], "s:", color=color,
                         label=f"{name}: measured head+optimizer")
