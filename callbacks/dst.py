@@ -4,10 +4,18 @@ Every ``interval`` optimizer steps the callback prunes weak connections of every
 many elsewhere, so each label keeps exactly ``fan_in`` inputs while the set of inputs moves to where it helps
 (SET/RigL; the SPARTEX paper rewires its classifier head this way).
 
-The schedule is keyed on ``trainer.global_step`` (optimizer steps), so gradient accumulation and data parallelism
-give the same schedule, and it runs in ``on_train_batch_end`` once the step has advanced, i.e. after the optimizer
-step, so pruning sees the updated weights. Updates happen at ``start + n * interval`` (n >= 1) while the step is
-below ``end * estimated_stepping_batches`` (the authors stop at 0.66 of training).
+The schedule is keyed on optimizer steps that were applied (``steps``), so gradient accumulation and data
+parallelism give the same schedule, and it runs in ``on_train_batch_end`` once the step has advanced, i.e. after the
+optimizer step, so pruning sees the updated weights. Updates happen at ``start + n * interval`` (n >= 1) while the
+step is below ``end * estimated_stepping_batches`` (the authors stop at 0.66 of training). ``steps`` equals
+``trainer.global_step`` except for steps that changed nothing: the ``16-mixed`` gradient scaler skips the optimizer
+step on inf/NaN gradients (and :class:`~callbacks.guard.FiniteLossGuard` with ``action="skip"`` drops every
+gradient), yet Lightning counts the step. Such a step neither advances the DST clock nor rewires (gradient regrowth
+would rank inputs by inf gradients); the update that was due waits for the next applied step. Applied steps are
+counted by a post-hook on every optimizer of the trainer, which runs only when ``optimizer.step`` ran (the scaler
+does not call it on overflow) and counts it only if some parameter had a gradient and, for optimizers that take
+the scaler's skip into their own step (``_step_supports_amp_scaling``, e.g. torch's fused AdamW), the scaler found
+no inf. Loggers get ``trainer.global_step`` as the step of an update, ``history`` the DST step.
 
 * Pruning, ``threshold`` (the authors'): drop ``|w| < tau(t)`` with ``tau`` cosine-annealed from ``threshold`` to
   ``threshold_floor`` over the rewiring period (their ``CosineDecay``: ``CosineAnnealingLR`` with
@@ -155,6 +163,10 @@ class DynamicSparseTraining(L.Callback):
         self.ever_active: dict[str, EverActive] = {}
         self.num_updates = 0
         self.last_update_step = -1
+        self.steps = 0  # applied optimizer steps: the DST clock (checkpointed)
+        self._steps_restored = False
+        self._seen_global_step = 0
+        self._step_hooks: list[Any] = []
         self.history: list[dict[str, float]] = []  # one entry per update on this process (not checkpointed)
         self._captures: dict[str, _Capture] = {}
         self._pending: dict[str, Any] | None = None
@@ -203,6 +215,11 @@ class DynamicSparseTraining(L.Callback):
             self._apply_state(self._pending)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._steps_restored:  # a fresh run, or a checkpoint saved before the DST clock existed
+            self.steps = trainer.global_step
+        self._seen_global_step = trainer.global_step
+        self._remove_step_hooks()
+        self._step_hooks = [optimizer.register_step_post_hook(self._count_step) for optimizer in trainer.optimizers]
         if self._fixed_end is None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
@@ -215,18 +232,42 @@ class DynamicSparseTraining(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        # The batch feeds optimizer step global_step + 1: capture it only when that step is an update step.
-        if self.regrow == "gradient" and not self._captures and self.is_update_step(trainer.global_step + 1):
+        # The batch feeds DST step steps + 1 (if applied): capture it only when that step is an update step.
+        if self.regrow == "gradient" and not self._captures and self.is_update_step(self.steps + 1):
             self._captures = {name: _Capture(layer) for name, layer in self.layers}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
+        if trainer.global_step == self._seen_global_step:
+            return  # no optimizer step yet (gradient accumulation)
+        self._seen_global_step = trainer.global_step
+        step = self.steps
         if step > self.last_update_step and self.is_update_step(step):
             self.update(trainer, step)
+        self._drop_captures()  # a skipped step's capture holds inf gradients: capture again for the next step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._drop_captures()
+        self._remove_step_hooks()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._drop_captures()
+        self._remove_step_hooks()
+
+    def _count_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer post-step hook: advance the DST clock if the step changed something (see the module doc)."""
+        if not any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+            return  # every gradient dropped (FiniteLossGuard's skip): the weights did not move
+        found_inf = getattr(optimizer, "found_inf", None)
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and isinstance(found_inf, Tensor):
+            if bool(found_inf.any()):  # the optimizer skipped the update inside its own step
+                return
+        self.steps += 1
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
 
     # ------------------------------------------------------------------------------------------ update
 
@@ -264,7 +305,7 @@ class DynamicSparseTraining(L.Callback):
             torch.cuda.synchronize()
         metrics["dst/update_seconds"] = time.perf_counter() - began
         self.history.append({"step": float(step), **metrics})
-        _log(trainer, metrics, step)
+        _log(trainer, metrics, trainer.global_step)
         return metrics
 
     def _rewire(self, trainer: L.Trainer, name: str, layer: nn.Module, amount: float):
@@ -314,6 +355,7 @@ class DynamicSparseTraining(L.Callback):
             "generator": self.generator.get_state() if self.generator is not None else None,
             "num_updates": self.num_updates,
             "last_update_step": self.last_update_step,
+            "steps": self.steps,
             "end_step": self.end_step,
             "ever_active": {name: tracker.state_dict() for name, tracker in self.ever_active.items()},
         }
@@ -323,6 +365,7 @@ class DynamicSparseTraining(L.Callback):
             self._pending = state_dict
             self.num_updates = int(state_dict["num_updates"])
             self.last_update_step = int(state_dict["last_update_step"])
+            self._restore_steps(state_dict)
             return
         self._apply_state(state_dict)
 
@@ -331,8 +374,14 @@ class DynamicSparseTraining(L.Callback):
             self.generator.set_state(state["generator"])
         self.num_updates = int(state["num_updates"])
         self.last_update_step = int(state["last_update_step"])
+        self._restore_steps(state)
         self.ever_active = {name: EverActive.from_state_dict(s) for name, s in state.get("ever_active", {}).items()}
         self._pending = None
+
+    def _restore_steps(self, state: dict[str, Any]) -> None:
+        """Older checkpoints have no DST clock: on_train_start then takes it from the restored global step."""
+        if "steps" in state:
+            self.steps, self._steps_restored = int(state["steps"]), True
 
 
 def _in_features(layer: nn.Module) -> int:

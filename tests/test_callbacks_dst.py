@@ -338,3 +338,29 @@ trainer:
         3, 0.5, "fraction", "gradient") and dst.drop_fraction == 0.2 and dst.itop_rows is None
     assert isinstance(aux, AuxiliaryObjective) and (aux.alpha, aux.cutoff_epoch, aux.num_clusters) == (0.3, 2, 8)
     assert isinstance(mem, MemoryProfiler) and mem.filename == "mem.json" and not mem.print_table
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dst_clock_counts_only_optimizer_steps_that_changed_the_weights(fused):
+    """The DST clock's post-step hook, outside Lightning: a GradScaler step on inf gradients (skipped by the scaler,
+    or for torch's fused AdamW inside the optimizer's own step) and a step without gradients do not count; finite
+    steps do. The weights are the reference: the clock advances exactly when they moved."""
+    dst = DynamicSparseTraining(interval=1, seed=0)
+    weight = nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused)
+    assert getattr(optimizer, "_step_supports_amp_scaling", False) == fused
+    optimizer.register_step_post_hook(dst._count_step)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    moved = []
+    for grad in (torch.ones(3), torch.tensor([1.0, float("inf"), 1.0]), None, torch.ones(3)):
+        before = weight.detach().clone()
+        optimizer.zero_grad(set_to_none=True)
+        if grad is None:  # what FiniteLossGuard(action="skip") leaves: no gradient at all
+            optimizer.step()
+        else:
+            scaler.scale((weight * grad).sum()).backward()  # d/dw = grad (times the scale)
+            scaler.step(optimizer)
+            scaler.update()
+        moved.append(not torch.equal(weight.detach(), before))
+    assert moved == [True, False, False, True]
+    assert dst.steps == sum(moved) == 2
