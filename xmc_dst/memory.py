@@ -8,6 +8,10 @@ rest, activations, depends on the kernels and the allocator and is estimated:
 * a transformer layer keeps ``s*b*(16h + 2as)`` activation elements and ``s*b*(2h + as)`` bytes of dropout masks
   (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models"); with gradient
   checkpointing only its ``s*b*h`` input;
+* the optimizer step makes one parameter-sized temporary per parameter group, one group at a time (AdamW's
+  ``torch._foreach_sqrt(exp_avg_sqs)`` denominator in :class:`xmc_dst.optim.GroupwiseOptimizer`, SGD's
+  weight-decayed gradient copy; freed when the group is done), so the largest group sets it: with a dense head
+  the head, with a sparse one usually the encoder's weight matrices;
 * dynamic sparse training adds the bit-packed ever-active map (``rows * ceil(in / 64) * 8`` bytes, rows = the
   labels or the tracked sample) and the transient tensors of one rewire (about 22 bytes per connection: masks,
   int64 permutation, moved state).
@@ -28,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xmc_dst.optim import split_no_decay
+
 __all__ = ["MemoryEstimate", "PartBytes", "estimate_memory", "estimate_memory_main", "estimate_memory_parts",
            "static_breakdown", "transformer_activation_bytes"]
 
@@ -35,6 +41,9 @@ MIB = 1 << 20
 GIB = 1 << 30
 # Optimizer state tensors per parameter element, by algorithm.
 STATE_PER_PARAM = {"adamw": 2, "adam": 2, "sgd": 1, "sgd_nomomentum": 0}
+# Parameter-sized temporaries of one group's optimizer step, by algorithm (see the module docstring). SGD's is the
+# weight-decayed gradient copy: none without weight decay, which the estimate does not know (an over-count then).
+STEP_TEMPORARIES_PER_PARAM = {"adamw": 1, "adam": 1, "sgd": 1, "sgd_nomomentum": 1}
 # Transient bytes per connection during one rewire (prune mask, regrown mask, int64 permutation, gathered weight,
 # sorted int32 indices, one moved optimizer-state tensor).
 REWIRE_BYTES_PER_SLOT = 1 + 1 + 8 + 4 + 4 + 4
@@ -171,6 +180,7 @@ class MemoryEstimate:
 def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_size: int,
                           encoder_params: int = 0, encoder_trainable: int | None = None,
                           encoder_activations: int = 0, encoder_output_dim: int | None = None,
+                          encoder_largest_group: int | None = None,
                           intermediate_dim: int = 0, aux_clusters: int = 0, param_bytes: int = 4,
                           encoder_optimizer: str = "adamw", head_optimizer: str = "adamw",
                           dst: bool = True, track_itop: bool = True, itop_rows: int | None = 65_536,
@@ -180,7 +190,9 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
 
     ``head_in`` is the head's input width (the intermediate width if any); ``encoder_output_dim`` the encoder's
     (input of the intermediate layer and the auxiliary head; default ``head_in``). Optimizer state counts
-    ``STATE_PER_PARAM`` tensors of ``param_bytes`` per trainable element.
+    ``STATE_PER_PARAM`` tensors of ``param_bytes`` per trainable element. ``encoder_largest_group`` is the trainable
+    elements of the encoder's larger optimizer group (weights with decay, or biases and norms without; default all
+    of ``encoder_trainable``): with the other groups it sizes the optimizer step's temporary.
     """
     enc_state = STATE_PER_PARAM[encoder_optimizer]
     head_state = STATE_PER_PARAM[head_optimizer]
@@ -208,7 +220,20 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
     sparse_head = trained(num_labels * (fan_in + 1), head_state, buffers=num_labels * fan_in * 4 + 8,
                           activations=logits)
     sparse = dict(common, head=sparse_head)
-    notes = []
+
+    def step_temporaries(head_params: int) -> PartBytes:
+        """The largest group's temporary: GroupwiseOptimizer steps the groups one after the other."""
+        groups = [(encoder_trainable if encoder_largest_group is None else encoder_largest_group, encoder_optimizer),
+                  (enc_out * intermediate_dim + intermediate_dim if intermediate_dim else 0, encoder_optimizer),
+                  (enc_out * aux_clusters + aux_clusters if aux_clusters else 0, encoder_optimizer),
+                  (head_params, head_optimizer)]
+        largest = max(n * STEP_TEMPORARIES_PER_PARAM[algorithm] for n, algorithm in groups)
+        return PartBytes(activations=largest * param_bytes)
+
+    dense["optimizer step temporaries"] = step_temporaries(num_labels * (head_in + 1))
+    sparse["optimizer step temporaries"] = step_temporaries(num_labels * (fan_in + 1))
+    notes = ["optimizer step temporaries: one parameter-sized tensor of the largest optimizer group, alive during "
+             "the optimizer step (after backward has freed the activations)"]
     if dst:
         words = (head_in + 63) // 64
         rewire = num_labels * fan_in * REWIRE_BYTES_PER_SLOT
@@ -310,6 +335,8 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
     if num_features is None and "BagOfWords" in str(encoder_spec.get("class_path")):
         num_features = model.get("num_features") or (data_cls(**data).num_features if data_cls else None)
     encoder, enc_params, enc_trainable = _count_encoder(encoder_spec, tokenizer, num_features)
+    enc_groups = split_no_decay(encoder.named_parameters())  # XMCModule's two encoder groups
+    enc_largest = max(sum(p.numel() for p in group) for group in enc_groups)
     enc_out = int(encoder.output_dim)
     transformer = getattr(encoder, "transformer", None)
     if transformer is not None and enc_trainable > 0:
@@ -337,7 +364,8 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
     estimate = estimate_memory_parts(
         num_labels=int(labels), head_in=head_in, fan_in=int(model.get("fan_in", 64)), batch_size=batch,
         encoder_params=enc_params, encoder_trainable=enc_trainable, encoder_activations=enc_act,
-        encoder_output_dim=enc_out, intermediate_dim=intermediate, aux_clusters=aux, param_bytes=param_bytes,
+        encoder_output_dim=enc_out, encoder_largest_group=enc_largest, intermediate_dim=intermediate,
+        aux_clusters=aux, param_bytes=param_bytes,
         encoder_optimizer=model.get("encoder_optimizer", "adamw"), head_optimizer=model.get("head_optimizer", "adamw"),
         dst=dst_args is not None, track_itop=bool((dst_args or {}).get("track_itop", True)),
         itop_rows=(dst_args or {}).get("itop_rows", 65_536),
