@@ -1,9 +1,10 @@
 """Configuration errors fail before the first training step, with a message naming the bad value or file and the fix.
 
-Every case runs the real command line in-process (``cli(["fit", ...])``) on a tiny raw-text dataset with the tiny
-local encoder; ``XMCModule.training_step`` is wrapped to count calls, so "no step ran" is observed rather than
-assumed. Each check also has a control: the same command with the suggested fix trains (the counter moves), which
-shows both that the counter works and that the fix in the message is the right one.
+Every case runs the real command line in-process (``cli(["fit", ...])``, or ``main`` for what the user sees) on a
+tiny raw-text dataset with the tiny local encoder; ``XMCModule.training_step`` is wrapped to count calls, so "no
+step ran" is observed rather than assumed. Each check also has a control: the same command with the suggested fix
+trains (the counter moves), which shows both that the counter works and that the fix in the message is the right
+one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from callbacks.clusters import ClusterFileError
 from datamodules import BoWXMCDataModule, LFXMCDataModule, RawTextXMCDataModule
-from xmc_dst.cli import cli
+from xmc_dst.cli import cli, main
 from xmc_dst.model import XMCModule
 
 TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db"}
@@ -118,6 +119,50 @@ def test_data_directory_lacking_a_file_names_it_and_what_is_there(raw, tiny_enco
         cli(args(a_file, tiny_encoder_dir, tmp_path, cache))
     assert f"data directory {a_file} is a file, not a directory" in str(cause(info.value, FileNotFoundError))
     assert steps == []
+
+
+def test_xmc_dst_prints_the_data_modules_own_message_not_the_union_wrapper(raw, tiny_encoder_dir, tmp_path, cache,
+                                                                          steps, capsys):
+    """What ``xmc-dst fit`` shows: jsonargparse wraps the DataModule's FileNotFoundError in "Does not validate
+    against any of the Union subtypes"; main() prints the original message first (the path, the files, the fix),
+    exits with status 2, and no step runs. The control: with the folder fixed, main() trains and returns 0."""
+    nowhere = tmp_path / "no-such-dataset"
+    assert main(args(nowhere, tiny_encoder_dir, tmp_path, cache)) == 2
+    err = capsys.readouterr().err
+    lines = err[err.index("xmc-dst: error:"):].splitlines()
+    assert lines[0].startswith(f"xmc-dst: error: RawTextXMCDataModule: data directory {nowhere} does not exist")
+    assert "train_texts.txt, test_texts.txt" in lines[0]
+    assert "Point data_dir (--data.init_args.data_dir) at the folder that holds them" in lines[0]
+    assert lines[1].startswith("  (FileNotFoundError raised at ") and "datamodules" in lines[1]
+    assert lines[2] == "  (wrapped as ValueError: Does not validate against any of the Union subtypes)"
+    assert "Traceback" not in err and steps == []
+    assert main(args(raw, tiny_encoder_dir, tmp_path, cache)) == 0 and steps == [0]
+
+
+def test_xmc_dst_prints_a_callbacks_own_message_and_keeps_tracebacks_of_bugs(raw, tiny_encoder_dir, tmp_path,
+                                                                             cache, steps, capsys, monkeypatch):
+    """A callback's ``__init__`` error (AuxiliaryObjective's missing cluster file) is unwrapped the same way; an
+    error that is not a bad value or file (a KeyError), or not raised by the project's code (a ValueError from this
+    test's training_step), still propagates with its traceback."""
+    config = tmp_path / "aux.yaml"
+    missing = tmp_path / "nowhere.npy"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.AuxiliaryObjective\n      init_args: "
+                      f"{{cutoff_step: 1, cluster_file: '{missing}'}}\n")
+    options = args(raw, tiny_encoder_dir, tmp_path, cache, "--model.aux_clusters", "2", "--config", str(config))
+    assert main(options) == 2
+    err = capsys.readouterr().err
+    line = err[err.index("xmc-dst: error:"):].splitlines()[0]
+    assert re.search(rf"cluster_file .*{re.escape(str(missing))} does not exist; rebuild the file", line)
+    assert steps == []
+
+    for bug in (KeyError("a bug, not a configuration error"), ValueError("a bug outside the project's code")):
+        def broken(self, batch, batch_idx, bug=bug):
+            raise bug
+
+        monkeypatch.setattr(XMCModule, "training_step", broken)
+        with pytest.raises(type(bug), match="a bug"):
+            main(args(raw, tiny_encoder_dir, tmp_path, cache))
+    assert "xmc-dst: error:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("cls", "expected"), [

@@ -21,6 +21,10 @@ Further subcommands that are not Lightning's (e.g. a memory estimate) go in :dat
 or with :func:`register_subcommand`: ``name -> (function, one-line help)``, where the function takes the remaining
 arguments and returns an exit status, and may be given as ``"module:function"`` so that it is imported only when
 its subcommand runs. :func:`main` dispatches them before the LightningCLI.
+
+Errors: a bad value or file found by the project's code (a missing data directory, a fan-in wider than the head's
+input, a cluster file for another label set) ends :func:`main` with exit status 2 and its own message on stderr,
+``xmc-dst: error: ...``, even when jsonargparse wrapped it (see :func:`configuration_error`); :func:`cli` raises it.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from datamodules.base import XMCDataModule
 from xmc_dst.inference import JsonLinesPredictionWriter
 from xmc_dst.model import XMCModule
 
-__all__ = ["EXTRA_SUBCOMMANDS", "XMCLightningCLI", "cli", "main", "metrics_table", "register_subcommand"]
+__all__ = ["EXTRA_SUBCOMMANDS", "XMCLightningCLI", "cli", "configuration_error", "main", "metrics_table",
+           "register_subcommand"]
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +261,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     if EXTRA_SUBCOMMANDS and argv and argv[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<16} {help}" for name, (_, help) in sorted(EXTRA_SUBCOMMANDS.items()))
         print(f"Further subcommands:\n{extra}\n")
-    cli(argv if given else None)  # None: LightningCLI reads sys.argv itself
+    try:
+        cli(argv if given else None)  # None: LightningCLI reads sys.argv itself
+    except Exception as error:
+        found = configuration_error(error)
+        if found is None:
+            raise
+        print(_describe(found, error), file=sys.stderr)
+        return 2
     return 0
+
+
+# Where the project's own code lives: an error raised there with one of USER_ERRORS is a message for the user.
+PROJECT_PACKAGES = tuple(Path(__file__).resolve().parents[1] / name for name in ("xmc_dst", "datamodules", "callbacks"))
+# The kinds the project raises for a bad value or file (DataFormatError and ClusterFileError are ValueErrors, a
+# missing data directory or cluster file a FileNotFoundError); anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def _raised_at(error: BaseException) -> tuple[Path, int] | None:
+    """File and line of the frame that raised ``error`` (its traceback's innermost frame)."""
+    tb = error.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve(), tb.tb_lineno
+
+
+def configuration_error(error: BaseException) -> BaseException | None:
+    """The project's own message in ``error``'s chain, if any: the innermost :data:`USER_ERRORS` raised by the
+    project's code. jsonargparse re-raises a DataModule's or callback's ``__init__`` error as ``ValueError: Does not
+    validate against any of the Union subtypes ...`` *from* the original, which is the one the user needs to read."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        where = _raised_at(error)
+        if isinstance(error, USER_ERRORS) and where is not None and any(
+                where[0].is_relative_to(package) for package in PROJECT_PACKAGES):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def _describe(found: BaseException, error: BaseException) -> str:
+    """``xmc-dst: error: <message>`` first, then where it was raised and what wrapped it (for a bug report)."""
+    where = _raised_at(found)
+    lines = [f"xmc-dst: error: {found}", f"  ({type(found).__name__}"
+             + (f" raised at {where[0]}:{where[1]}" if where else "") + ")"]
+    if error is not found:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        lines.append(f"  (wrapped as {type(error).__name__}: {first_line})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
