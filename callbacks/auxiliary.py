@@ -179,16 +179,22 @@ class AuxiliaryObjective(L.Callback):
     # ------------------------------------------------------------------------------------------ clusters
 
     def cache_directory(self, trainer: L.Trainer) -> Path:
-        """``cache_dir``; else the text DataModule's token cache, a writable ``data_dir``, or ``~/.cache``."""
+        """``cache_dir``; else the text DataModule's token cache, a writable ``data_dir`` (never the data shipped
+        inside the package: a checkout would collect cache files), or ``~/.cache``."""
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
+        import datamodules
+
+        shipped = Path(datamodules.__file__).resolve().parent
         dm = trainer.datamodule
         for attr in ("cache_path", "data_dir"):
             try:
                 place = getattr(dm, attr, None)
             except Exception:  # noqa: BLE001 - a property that cannot resolve here simply is not a candidate
                 place = None
-            if place is not None and Path(place).is_dir() and os.access(place, os.W_OK):
+            if place is None or shipped in Path(place).resolve().parents:
+                continue
+            if Path(place).is_dir() and os.access(place, os.W_OK):
                 return Path(place)
         from datamodules.cache import default_cache_root
 
