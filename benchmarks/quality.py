@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,30 +56,42 @@ METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 DST = "callbacks.DynamicSparseTraining"
 AUX = "callbacks.AuxiliaryObjective"
 
+RELU_1024 = {"model.intermediate_dim": 1024, "model.intermediate_activation": "relu"}
 DATASETS: dict[str, dict[str, Any]] = {
-    "debtags": {"config": "configs/debtags.yaml", "fan_ins": (32, 128), "aux_clusters": 32},
-    "bibtex": {"config": "configs/bibtex.yaml", "fan_ins": (16, 64), "aux_clusters": 16},
-    "delicious": {"config": "configs/delicious.yaml", "fan_ins": (32, 128), "aux_clusters": 64},
+    "debtags": {"config": "configs/debtags.yaml", "fan_ins": (32, 128), "aux_clusters": 32, "aux_cutoff": 10,
+                "default": "sparse+intermediate",
+                "extra": {"sparse+intermediate+token-bag": {"model.encoder.init_args.token_bag_dim": 128,
+                                                             "model.encoder_lr": 1e-3, "trainer.max_epochs": 10}}},
+    "bibtex": {"config": "configs/bibtex.yaml", "fan_ins": (16, 64), "aux_clusters": 16, "aux_cutoff": 10,
+               "default": "sparse-f64", "extra": {}},
+    "delicious": {"config": "configs/delicious.yaml", "fan_ins": (32, 128), "aux_clusters": 64, "aux_cutoff": 10,
+                  "default": "sparse-f128", "extra": {}},
 }
 
 
 def variants(dataset: str) -> dict[str, dict[str, Any]]:
-    """Changes of the dataset's config per variant; ``None`` removes a key, ``callbacks.X`` edits a callback."""
+    """Changes of the dataset's config per variant; ``None`` removes a key, ``callbacks.X`` edits a callback.
+    Each dataset's shipped config is one of the variants (``DATASETS[d]["default"]``) with no change."""
     spec = DATASETS[dataset]
     low, high = spec["fan_ins"]
-    return {
+    out: dict[str, dict[str, Any]] = {
         "dense": {"model.head": "dense", f"callbacks.{DST}": None},
         f"sparse-f{high}": {"model.fan_in": high, "model.intermediate_dim": 0},
         f"sparse-f{low}": {"model.fan_in": low, "model.intermediate_dim": 0},
-        "sparse+intermediate": {},  # the shipped configs' default model
+        "sparse+intermediate": dict(RELU_1024),
         "sparse+aux": {"model.aux_clusters": spec["aux_clusters"],
-                       f"callbacks.{AUX}": {"alpha": 0.4, "cutoff_epoch": None}},
+                       f"callbacks.{AUX}": {"alpha": 0.4, "cutoff_epoch": spec["aux_cutoff"]}},
         "gradient": {f"callbacks.{DST}.regrow": "gradient"},
         "frozen-topology": {f"callbacks.{DST}": None},
+        **spec["extra"],
     }
+    out[spec["default"]] = {}  # the shipped config as it is
+    return out
 
 
-HEADLINE = ("dense", "sparse+intermediate", "sparse+aux")
+def headline(dataset: str) -> tuple[str, ...]:
+    """Variants run with every seed: the dense baseline, the shipped config and the two gradient-flow remedies."""
+    return ("dense", DATASETS[dataset]["default"], "sparse+intermediate", "sparse+aux")
 
 
 def apply_changes(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +183,35 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.test_s = time.perf_counter() - self._test_start
 
+    class SharedFeatureCache(L.Callback):
+        """Share a frozen encoder's pooled-vector cache between the grid's runs through a file: the vectors are a
+        pure function of the tokens (exact), and the encoder pass is most of a frozen-encoder run's time. Timings
+        of runs that found the file exclude that pass (the table says which)."""
+
+        def __init__(self, path: Path) -> None:
+            self.path, self.loaded = path, 0
+
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            cache = getattr(pl_module.encoder, "cache", None)
+            if cache is not None and self.path.exists():
+                cache.update(torch.load(self.path, weights_only=False))
+                self.loaded = len(cache)
+
+        def _save(self, pl_module: L.LightningModule) -> None:
+            cache = getattr(pl_module.encoder, "cache", None)
+            if cache is not None and len(cache) > self.loaded:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                partial = self.path.with_suffix(".partial")
+                torch.save(dict(cache), partial)
+                partial.replace(self.path)
+                self.loaded = len(cache)
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._save(pl_module)
+
+        def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self._save(pl_module)
+
     torch.set_num_threads(spec.get("threads", 2))
     config = apply_changes(yaml.safe_load((ROOT / spec["config"]).read_text()), spec["changes"])
     config["seed_everything"] = spec["seed"]
@@ -186,6 +229,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     app = cli(["--config", str(path)], run=False)
     app.trainer.callbacks.extend([timing, memory])
+    shared = None
+    encoder = config["model"]["encoder"]
+    if encoder.get("init_args", {}).get("cache_features") and spec.get("feature_cache_dir"):
+        pooled_by = {k: encoder.get("init_args", {}).get(k) for k in ("pooling", "num_layers", "layers", "pretrained")}
+        key = json.dumps([spec["config"], encoder.get("class_path"), pooled_by, config["data"]], sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        shared = SharedFeatureCache(Path(spec["feature_cache_dir"]) / f"{spec['dataset']}-{digest}.pt")
+        app.trainer.callbacks.append(shared)
     app.trainer.fit(app.model, datamodule=app.datamodule)
     fit_s = time.perf_counter() - start
     best = getattr(app.trainer.checkpoint_callback, "best_model_path", "") or None
@@ -207,6 +258,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "head_params": head_params,
         "fan_in": model.hparams.fan_in if model.hparams.head == "sparse" else None,
         "best_checkpoint": Path(best).name if best else None,
+        "shared_feature_cache": bool(shared and shared.loaded),
         "curve": timing.curve,
     }
 
@@ -256,6 +308,56 @@ def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def run_jobs(jobs: list[dict[str, Any]], parallel: int, runs: list[dict[str, Any]], runs_path: Path,
+             command: str) -> None:
+    """Run ``jobs`` ``parallel`` at a time, appending each result to ``runs_path`` as it ends. The first job of a
+    dataset runs before that dataset's others (it writes the shared feature cache they read)."""
+    lock = threading.Lock()
+    first_of = {}
+    for job in jobs:
+        first_of.setdefault(job["dataset"], id(job))
+    primed = {dataset: threading.Event() for dataset in first_of}
+    pending = list(jobs)
+
+    def next_job() -> dict[str, Any] | None:
+        while True:
+            with lock:
+                if not pending:
+                    return None
+                for job in pending:
+                    if id(job) == first_of[job["dataset"]] or primed[job["dataset"]].is_set():
+                        pending.remove(job)
+                        return job
+            time.sleep(1.0)
+
+    def worker() -> None:
+        while (job := next_job()) is not None:
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            try:
+                result = run_subprocess(job)
+            except RuntimeError as error:  # reported, and the grid goes on
+                print(error, file=sys.stderr, flush=True)
+                continue
+            finally:
+                primed[job["dataset"]].set()
+            row = {**{k: job[k] for k in ("dataset", "variant", "seed", "config", "changes", "threads")},
+                   **result, "parallel": parallel, "started": started, "machine": machine(),
+                   "commit": git_commit(), "command": command}
+            with lock:
+                with runs_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                runs.append(row)
+            m = row["metrics"]
+            print(f"{job['dataset']:10s} {job['variant']:30s} seed {job['seed']}: P@1 {m.get('P@1', float('nan')):.2f}"
+                  f" PSP@1 {m.get('PSP@1', float('nan')):.2f} fit {row['fit_s']:.0f}s", flush=True)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, parallel))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def load_runs(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -267,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=None, help="variant names (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
-    parser.add_argument("--headline-seeds-only", action="store_true",
-                        help="run the non-headline variants with the first seed only")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--all-seeds", action="store_true",
+                        help="run every variant with every seed (default: the headline variants only; the others "
+                             "with the first seed)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (e.g. 2 runs of 1 thread)")
+    parser.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "xmc_dst" / "quality",
+                        help="where frozen-encoder runs share their pooled vectors (exact)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-peers", action="store_true", help="leave the peer systems out of the table")
@@ -288,31 +394,23 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["dataset"], r["variant"], r["seed"]) for r in runs}
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if not args.report_only:
+        jobs = []
         for dataset in args.datasets:
             for variant, changes in variants(dataset).items():
                 if args.variants and variant not in args.variants:
                     continue
-                seeds = args.seeds if (variant in HEADLINE or not args.headline_seeds_only) else args.seeds[:1]
-                for seed in seeds:
-                    if (dataset, variant, seed) in done:
-                        continue
-                    spec = {"dataset": dataset, "variant": variant, "seed": seed, "threads": args.threads,
-                            "config": DATASETS[dataset]["config"], "changes": changes}
-                    started = time.strftime("%Y-%m-%d %H:%M:%S")
-                    result = run_subprocess(spec)
-                    row = {**{k: spec[k] for k in ("dataset", "variant", "seed", "config", "changes", "threads")},
-                           **result, "started": started, "machine": machine(), "commit": git_commit(),
-                           "command": command}
-                    with runs_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    runs.append(row)
-                    m = row["metrics"]
-                    print(f"{dataset:10s} {variant:20s} seed {seed}: P@1 {m.get('P@1', float('nan')):.2f} "
-                          f"PSP@1 {m.get('PSP@1', float('nan')):.2f} fit {row['fit_s']:.0f}s", flush=True)
+                every = variant in headline(dataset) or args.all_seeds
+                for seed in args.seeds if every else args.seeds[:1]:
+                    if (dataset, variant, seed) not in done:
+                        jobs.append({"dataset": dataset, "variant": variant, "seed": seed, "threads": args.threads,
+                                     "config": DATASETS[dataset]["config"], "changes": changes,
+                                     "feature_cache_dir": str(args.feature_cache)})
+        run_jobs(jobs, args.parallel, runs, runs_path, command)
     from benchmarks.quality_report import write_report
 
     write_report(runs, args.out, command=command, machine=machine(), commit=git_commit(),
-                 datasets=args.datasets, peers=not args.no_peers)
+                 datasets=args.datasets, peers=not args.no_peers,
+                 aux_pairs={d: (DATASETS[d]["default"], "sparse+aux") for d in DATASETS})
     return 0
 
 
