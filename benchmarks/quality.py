@@ -4,6 +4,9 @@
     python benchmarks/quality.py --datasets bibtex --seeds 42 # one dataset, one seed
     python benchmarks/quality.py --report-only                # tables and plots from the saved runs
 
+The peers (``benchmarks/peers.py``; ``bash scripts/setup-peers.sh`` installs them) run for every dataset that
+``peers.jsonl`` lacks, a peer whose package is missing is skipped with a note.
+
 Each run is one ``xmc-dst fit`` of a shipped config (``configs/<dataset>.yaml``) with a few keys changed by the
 variant, in a fresh subprocess (so its peak RSS is its own), with the same protocol as the configs: 10% of the
 training documents held out to select the checkpoint, the best checkpoint tested on the full test split, test labels
@@ -379,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-peers", action="store_true", help="leave the peer systems out of the table")
+    parser.add_argument("--rerun-peers", action="store_true",
+                        help="run the peers again (default: only for datasets missing from peers.jsonl)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -406,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "config": DATASETS[dataset]["config"], "changes": changes,
                                      "feature_cache_dir": str(args.feature_cache)})
         run_jobs(jobs, args.parallel, runs, runs_path, command)
+    if not args.no_peers and not args.report_only:
+        from benchmarks.peers import run_peers, save
+
+        have = {json.loads(line)["dataset"] for line in (args.out / "peers.jsonl").read_text().splitlines()
+                if line.strip()} if (args.out / "peers.jsonl").exists() else set()
+        missing = [d for d in args.datasets if args.rerun_peers or d not in have]
+        if missing:  # the peers' own command: python benchmarks/peers.py (3 runs, 2 threads)
+            save(run_peers(missing, runs=3, threads=2, command=command), args.out)
     from benchmarks.quality_report import write_report
 
     write_report(runs, args.out, command=command, machine=machine(), commit=git_commit(),
