@@ -153,7 +153,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from xmc_dst.cli import cli
 
     class Timing(L.Callback):
-        """Seconds of each training epoch (validation excluded), test seconds, and val P@1 after each epoch."""
+        """Seconds of each training epoch (its validation pass included), test seconds, val P@1 after each epoch."""
 
         def __init__(self) -> None:
             self.epochs: list[float] = []
@@ -165,16 +165,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             self._start = time.perf_counter()
 
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            # the epoch's validation has run and the module has logged its metrics by now (a callback's
+            # on_validation_epoch_end runs before the module's, so it would see the previous epoch's)
             self.epochs.append(time.perf_counter() - self._start)
-
-        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if trainer.sanity_checking:
-                return
             metrics = trainer.callback_metrics
-            point = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
-            point.update({k.removeprefix("val/"): float(metrics[k]) for k in ("val/P@1", "val/PSP@1")
-                          if k in metrics})
-            self.curve.append(point)
+            if "val/P@1" in metrics:
+                point = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+                point.update({k.removeprefix("val/"): float(metrics[k]) for k in ("val/P@1", "val/PSP@1")
+                              if k in metrics})
+                self.curve.append(point)
 
         def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self._test_start = time.perf_counter()

@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
+NOTES = (
+    "Columns: *head MiB (train)* = the head's parameters, gradients, optimizer state and indices; *peak "
+    "RSS* = the training process's peak resident memory (interpreter and data included); *s / epoch* = "
+    'one training epoch with its validation pass; *train s* = the whole fit; *infer ms / doc* = the test '
+    "pass over the test documents. Frozen-encoder runs (Debtags) share the encoder's pooled vectors "
+    'through an exact on-disk cache: only the first run of a dataset pays the encoder pass (its *train s*'
+    " is in the mean of its row), the others' *train s* is the head and intermediate training only. "
+    'Peers: *train s* is fitting on ready TF-IDF features, *infer* their top-5 prediction (`peers.md` has'
+    ' the details).'
+)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -174,9 +184,13 @@ def write_report(runs: list[dict[str, Any]], out: Path, command: str, machine: s
     runs = [r for r in runs if r["dataset"] in datasets]
     peer_rows = load_peers(out / "peers.jsonl") if peers else []
     commits = sorted({r.get("commit", "?") for r in runs})
+    commands = sorted({r.get("command", command) for r in runs})
+    if commands and command not in commands:  # --report-only: name the commands that ran the grid
+        command = " ; ".join(commands) + f"` (report: `{command}"
     stamp = time.strftime("%Y-%m-%d")
     header = (f"Machine: {machine}. Command: `{command}`. Runs at commit(s) {', '.join(commits)}; report {stamp} "
-              f"at {commit}. Mean ± sample std over seeds; test split; PSP with A = 0.55, B = 1.5.")
+              f"at {commit}. Mean ± sample std over seeds; test split; PSP with A = 0.55, B = 1.5.\n\n"
+              + NOTES)
     (out / "quality.md").write_text(markdown(runs, peer_rows, header, datasets) + "\n")
     footer = f"{machine} | {command} | commit {', '.join(commits)}"
     plot_fan_in(runs, out / "quality_fan_in.png", footer, datasets)
