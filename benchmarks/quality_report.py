@@ -185,15 +185,20 @@ def write_report(runs: list[dict[str, Any]], out: Path, command: str, machine: s
     peer_rows = load_peers(out / "peers.jsonl") if peers else []
     commits = sorted({r.get("commit", "?") for r in runs})
     commands = sorted({r.get("command", command) for r in runs})
+    footer = f"{machine} | {' ; '.join(commands) or command} | commit {', '.join(commits)}"
     if commands and command not in commands:  # --report-only: name the commands that ran the grid
-        command = " ; ".join(commands) + f"` (report: `{command}"
+        command = " ; ".join(commands) + f"`; report by `{command}"
     stamp = time.strftime("%Y-%m-%d")
     header = (f"Machine: {machine}. Command: `{command}`. Runs at commit(s) {', '.join(commits)}; report {stamp} "
               f"at {commit}. Mean ± sample std over seeds; test split; PSP with A = 0.55, B = 1.5.\n\n"
               + NOTES)
     (out / "quality.md").write_text(markdown(runs, peer_rows, header, datasets) + "\n")
-    footer = f"{machine} | {command} | commit {', '.join(commits)}"
+    print((out / "quality.md").read_text())
+    try:
+        import matplotlib  # noqa: F401 - the `bench` extra
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): tables written, plots skipped")
+        return
     plot_fan_in(runs, out / "quality_fan_in.png", footer, datasets)
     if aux_pairs:
         plot_aux_curves(runs, out / "quality_aux_curves.png", footer, datasets, aux_pairs)
-    print((out / "quality.md").read_text())
