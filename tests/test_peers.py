@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
+
+sp = pytest.importorskip("scipy.sparse")  # scipy and scikit-learn come with the `test` extra
+pytest.importorskip("sklearn")
 
 REPO = Path(__file__).resolve().parents[1]
 # Loaded from its file, not by putting benchmarks/ on sys.path (its metrics.py / data.py would shadow other modules).
@@ -21,8 +23,6 @@ _SPEC = importlib.util.spec_from_file_location("benchmarks_peers", REPO / "bench
 peers = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = peers  # dataclasses resolve their module through sys.modules
 _SPEC.loader.exec_module(peers)
-
-pytest.importorskip("sklearn")
 
 
 def _peer_data(x_train: sp.csr_matrix, y_train: sp.csr_matrix, x_test: sp.csr_matrix, test_rows: list[list[int]],
