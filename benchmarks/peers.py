@@ -503,23 +503,15 @@ def mean_std(values: Sequence[float]) -> list[float]:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from xmc_dst.provenance import git_commit as commit  # lazily: the PECOS worker's venv lacks the project
+
+    return commit(short=False)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs"
+    from xmc_dst.provenance import cpu_model
+
+    return f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs"
 
 
 def run_peers(datasets: Sequence[str] = DATASETS, runs: int = 3, threads: int = 2,

@@ -33,7 +33,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python benchmarks/quality.py` from a checkout: import benchmarks.*
+
+from xmc_dst.provenance import git_commit, machine  # noqa: E402 - after the path above
+
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 
@@ -275,26 +277,6 @@ def _part_mib(part: dict[str, Any] | None) -> float | None:
 # --------------------------------------------------------------------------------------------------------------
 # The grid driver, tables and plots.
 # --------------------------------------------------------------------------------------------------------------
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
-
 
 def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="xmc-quality-") as work:

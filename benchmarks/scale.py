@@ -49,6 +49,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xmc_dst.provenance import cpu_model, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Wiki10-31K, AmazonTitles-131K, Amazon-670K; Amazon-3M is estimated only.
@@ -61,19 +63,6 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE"
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    """CPU model name with family/model numbers (lscpu's name alone is "AMD EPYC" in some VMs)."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = info.get("model name", platform.processor() or platform.machine())
-    return f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -90,14 +79,6 @@ def machine_info(device: str) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / GB, 1)
     return info
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def cpu_times() -> tuple[float, float, float]:

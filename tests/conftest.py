@@ -7,6 +7,7 @@ shipped MiniLM, so tests exercise the real loading path without network or large
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db",
+          "file": "works-with::file", "library": "role::shared-lib"}
+
+
+def write_topic_dataset(directory: Path, train: int = 48, test: int = 16, seed: int = 0) -> Path:
+    """A raw-text dataset whose labels are the topic words of each document (learnable in a few epochs)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        texts, labels = [], []
+        for _ in range(count):
+            words = rng.sample(sorted(TOPICS), rng.randint(1, 3))
+            texts.append(" ".join(words + ["the", "tool"]))
+            labels.append(" ".join(TOPICS[w] for w in words))
+        (directory / f"{split}_texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+        (directory / f"{split}_labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    return directory

@@ -5,33 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TOPICS, write_topic_dataset
 
 from xmc_dst import cli as cli_module
 from xmc_dst.cli import EXTRA_SUBCOMMANDS, cli, main, metrics_table, register_subcommand
 
-TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db",
-          "file": "works-with::file", "library": "role::shared-lib"}
-
 
 def write_dataset(directory: Path, train: int = 48, test: int = 16, seed: int = 0) -> Path:
-    """A raw-text dataset whose labels are the topic words of each document (learnable in a few epochs)."""
-    rng = random.Random(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", train), ("test", test)):
-        texts, labels = [], []
-        for _ in range(count):
-            words = rng.sample(sorted(TOPICS), rng.randint(1, 3))
-            texts.append(" ".join(words + ["the", "tool"]))
-            labels.append(" ".join(TOPICS[w] for w in words))
-        (directory / f"{split}_texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-        (directory / f"{split}_labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-    return directory
+    return write_topic_dataset(directory, train, test, seed)
 
 
 @pytest.fixture(scope="module")

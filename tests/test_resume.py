@@ -26,6 +26,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import write_topic_dataset
 
 from callbacks import (
     AuxiliaryObjective,
@@ -38,25 +39,13 @@ from datamodules.base import EpochRandomSampler, ResumableDataLoader
 from xmc_dst.encoders import TransformerEncoder
 from xmc_dst.model import XMCModule
 
-TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db",
-          "file": "works-with::file", "library": "role::shared-lib"}
 BATCHES_PER_EPOCH, EPOCHS = 10, 2  # 40 training documents, batch 4: 20 optimizer steps
 RESUME_STEP = 13  # mid-epoch (epoch 1, batch 3); DST rewires at 4, 8, 12 before and 16 after it
 AUX_CUTOFF = 16  # the auxiliary head exists when the checkpoint is written and is removed after the resume
 
 
 def write_dataset(directory: Path, train: int = 40, test: int = 12, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", train), ("test", test)):
-        texts, labels = [], []
-        for _ in range(count):
-            words = rng.sample(sorted(TOPICS), rng.randint(1, 3))
-            texts.append(" ".join(words + ["the", "tool"]))
-            labels.append(" ".join(TOPICS[w] for w in words))
-        (directory / f"{split}_texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-        (directory / f"{split}_labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-    return directory
+    return write_topic_dataset(directory, train, test, seed)
 
 
 @pytest.fixture(scope="module")
