@@ -66,7 +66,11 @@ DATASETS: dict[str, dict[str, Any]] = {
     "debtags": {"config": "configs/debtags.yaml", "fan_ins": (32, 128), "aux_clusters": 32, "aux_cutoff": 10,
                 "default": "sparse+intermediate",
                 "extra": {"sparse+intermediate+token-bag": {"model.encoder.init_args.token_bag_dim": 128,
-                                                             "model.encoder_lr": 1e-3, "trainer.max_epochs": 10}}},
+                                                             "model.encoder_lr": 1e-3, "trainer.max_epochs": 10},
+                          # MiniLM fine-tuned end to end (every layer trains; no feature cache): 3 epochs
+                          "sparse+intermediate+fine-tuned": {"model.encoder.init_args.trainable_layers": -1,
+                                                             "model.encoder.init_args.cache_features": False,
+                                                             "model.encoder_lr": 5e-5, "trainer.max_epochs": 3}}},
     "bibtex": {"config": "configs/bibtex.yaml", "fan_ins": (16, 64), "aux_clusters": 16, "aux_cutoff": 10,
                "default": "sparse-f64", "extra": {}},
     "delicious": {"config": "configs/delicious.yaml", "fan_ins": (32, 128), "aux_clusters": 64, "aux_cutoff": 10,
