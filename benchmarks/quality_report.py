@@ -104,12 +104,27 @@ def markdown(runs: list[dict[str, Any]], peers: list[dict[str, Any]], header: st
     return "\n".join(lines)
 
 
-def plot_fan_in(runs: list[dict[str, Any]], path: Path, footer: str, datasets: list[str]) -> bool:
-    """P@1 and head training memory against fan-in (sparse, DST), with the dense head as a line."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt: Any, figure: Any, path: Path, footer: str, bottom: float) -> None:
+    """Stamp the provenance footer, lay out above it, write the PNG and free the figure."""
+    figure.text(0.01, 0.005, footer, fontsize=7)
+    figure.tight_layout(rect=(0, bottom, 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_fan_in(runs: list[dict[str, Any]], path: Path, footer: str, datasets: list[str]) -> bool:
+    """P@1 and head training memory against fan-in (sparse, DST), with the dense head as a line."""
+    plt = _pyplot()
 
     table = aggregate(runs)
     datasets = [d for d in datasets if any(k[0] == d for k in table)]
@@ -136,20 +151,14 @@ def plot_fan_in(runs: list[dict[str, Any]], path: Path, footer: str, datasets: l
             if row_index == 0:
                 ax.set_title(dataset)
             ax.legend(fontsize=8)
-    figure.text(0.01, 0.005, footer, fontsize=7)
-    figure.tight_layout(rect=(0, 0.03, 1, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path, footer, bottom=0.03)
     return True
 
 
 def plot_aux_curves(runs: list[dict[str, Any]], path: Path, footer: str, datasets: list[str],
                     pairs: dict[str, tuple[str, str]]) -> bool:
     """Validation P@1 per epoch with and without the auxiliary objective (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     datasets = [d for d in datasets if d in pairs and any(r["dataset"] == d for r in runs)]
     if not datasets:
@@ -171,10 +180,7 @@ def plot_aux_curves(runs: list[dict[str, Any]], path: Path, footer: str, dataset
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation P@1 (%)")
         ax.legend(fontsize=8)
-    figure.text(0.01, 0.005, footer, fontsize=7)
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, path, footer, bottom=0.05)
     return True
 
 
