@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.clusters import ClusterFileError
+from callbacks.clusters import ClusterFileError, load_cluster_file
 from xmc_dst.encoders import BagOfWordsEncoder, EncoderInputs, TransformerEncoder, masked_mean
 from xmc_dst.losses import squared_hinge
-from xmc_dst.model import XMCModule, load_label_clusters, top_k
+from xmc_dst.model import XMCModule, top_k
 from xmc_dst.optim import GroupwiseOptimizer, schedule_lambda, split_no_decay
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -333,22 +333,22 @@ def test_label_clusters_from_file(tmp_path):
     groups = np.empty(2, dtype=object)
     groups[0], groups[1] = np.array([0, 2, 4]), np.array([1, 3])
     np.save(tmp_path / "groups.npy", groups, allow_pickle=True)
-    assert load_label_clusters(tmp_path / "groups.npy", 5).tolist() == [0, 1, 0, 1, 0]
+    assert load_cluster_file(tmp_path / "groups.npy", 5).tolist() == [0, 1, 0, 1, 0]
     np.save(tmp_path / "assign.npy", np.array([1, 1, 0]))
-    assert load_label_clusters(tmp_path / "assign.npy", 3).tolist() == [1, 1, 0]
+    assert load_cluster_file(tmp_path / "assign.npy", 3).tolist() == [1, 1, 0]
     uncovered = r"covers 5 of the data's 7 labels; labels in no cluster: 2, e\.g\. label 5, 6"
     with pytest.raises(ClusterFileError, match=uncovered):  # labels 5, 6 are in no cluster: strict, not spread
-        load_label_clusters(tmp_path / "groups.npy", 7)
+        load_cluster_file(tmp_path / "groups.npy", 7)
     with pytest.raises(ClusterFileError, match=r"cluster 0 names label ids outside \[0, 4\).*: 4;"):
-        load_label_clusters(tmp_path / "groups.npy", 4)
+        load_cluster_file(tmp_path / "groups.npy", 4)
     named = np.empty(2, dtype=object)
     named[0], named[1] = np.array(["b", "zz"]), np.array(["a", "c"])  # "zz" is not a training label
     np.save(tmp_path / "named.npy", named, allow_pickle=True)
-    assert load_label_clusters(tmp_path / "named.npy", 3, ["a", "b", "c"]).tolist() == [1, 0, 1]
+    assert load_cluster_file(tmp_path / "named.npy", 3, ["a", "b", "c"]).tolist() == [1, 0, 1]
     with pytest.raises(LookupError):
-        load_label_clusters(tmp_path / "named.npy", 3)
+        load_cluster_file(tmp_path / "named.npy", 3)
     with pytest.raises(ClusterFileError, match=r"e\.g\. label 3 \('d'\)"):  # a training label the file lacks
-        load_label_clusters(tmp_path / "named.npy", 4, ["a", "b", "c", "d"])
+        load_cluster_file(tmp_path / "named.npy", 4, ["a", "b", "c", "d"])
     pending = _bow_module(aux_cluster_file=str(tmp_path / "named.npy"), num_labels=3)
     assert pending.aux_head.out_features == 2 and pending._clusters_pending
     module = _bow_module(aux_cluster_file=str(tmp_path / "groups.npy"), num_labels=5)

@@ -22,7 +22,6 @@ import importlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -38,7 +37,7 @@ from xmc_dst.sparse import FixedFanInLinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XMCModule", "count_label_clusters", "load_label_clusters", "top_k"]
+__all__ = ["XMCModule", "top_k"]
 
 CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -52,24 +51,6 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
         scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
         ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], dim=1)
     return scores, ids
-
-
-def load_label_clusters(path: str | Path, num_labels: int, label_names: Sequence[str] | None = None) -> Tensor:
-    """Label -> cluster ids [num_labels] from a ``.npy`` file (see :func:`callbacks.clusters.load_cluster_file`).
-
-    The file holds either the assignment (an int array [num_labels]) or the clusters' members, one array per
-    cluster (an object array, or a 2-d int array with a row per cluster, -1 padding): the authors'
-    ``label_group*.npy``, whose members are label *names* for raw-text data (mapped through ``label_names``; names
-    unknown to the training vocabulary are skipped) and label ids for LF data. Every label must be in exactly one
-    cluster, else :class:`~callbacks.clusters.ClusterFileError` (a ValueError) names the file and the fix; without
-    ``label_names`` a file of names raises :class:`~callbacks.clusters.ClusterNamesNeeded` (a LookupError).
-    """
-    return load_cluster_file(path, num_labels, label_names)
-
-
-def count_label_clusters(path: str | Path) -> int:
-    """Number of clusters in a cluster file (see :func:`load_label_clusters`), without the label names."""
-    return count_clusters(path)
 
 
 def _check_fan_in(fan_in: int, features: int, intermediate_dim: int) -> None:
@@ -130,8 +111,8 @@ class XMCModule(L.LightningModule):
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
         aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
-        aux_cluster_file: ``.npy`` label -> cluster assignment (see :func:`load_label_clusters`); without it,
-            labels are assigned to ``aux_clusters`` contiguous blocks of label ids until a callback calls
+        aux_cluster_file: ``.npy`` label -> cluster assignment (see :func:`callbacks.clusters.load_cluster_file`);
+            without it, labels are assigned to ``aux_clusters`` contiguous blocks of label ids until a callback calls
             :meth:`set_label_clusters`.
         loss: ``squared_hinge`` (the paper's) or ``bce``.
         loss_reduction: ``auto`` (the authors' normalisation for the loss), ``sum``, ``mean``, ``batch_mean``.
@@ -215,11 +196,11 @@ class XMCModule(L.LightningModule):
         self.aux_alpha: float = 0.0
         self._clusters_pending = False
         if aux_clusters > 0 or aux_cluster_file:
-            count = count_label_clusters(aux_cluster_file) if aux_cluster_file else aux_clusters
+            count = count_clusters(aux_cluster_file) if aux_cluster_file else aux_clusters
             clusters = torch.arange(num_labels) * count // num_labels  # contiguous blocks until replaced
             if aux_cluster_file:
                 try:
-                    clusters = load_label_clusters(aux_cluster_file, num_labels)
+                    clusters = load_cluster_file(aux_cluster_file, num_labels)
                 except ClusterNamesNeeded:  # members are label names: resolved in setup() with the data's names
                     self._clusters_pending = True
             self.register_buffer("label_clusters", clusters.long())
@@ -386,7 +367,7 @@ class XMCModule(L.LightningModule):
                                      "checkpoint trained on this data")
                 self.label_names = list(names)
                 if self._clusters_pending and self.aux_head is not None:
-                    clusters = load_label_clusters(self.hparams.aux_cluster_file, len(names), self.label_names)
+                    clusters = load_cluster_file(self.hparams.aux_cluster_file, len(names), self.label_names)
                     self.label_clusters.copy_(clusters)
                     self._clusters_pending = False
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
