@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import AuxiliaryModule, AuxiliaryObjective
-from callbacks.clusters import ClusterFileError, balanced_kmeans_tree, label_embeddings, load_cluster_file
+from xmc_dst.clusters import ClusterFileError, balanced_kmeans_tree, label_embeddings, load_cluster_file
 from xmc_dst.optim import drop_parameters
 from xmc_dst.sparse import FixedFanInLinear
 

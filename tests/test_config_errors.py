@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.clusters import ClusterFileError
 from datamodules import BoWXMCDataModule, LFXMCDataModule, RawTextXMCDataModule
 from xmc_dst.cli import cli, main
+from xmc_dst.clusters import ClusterFileError
 from xmc_dst.model import XMCModule
 
 TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db"}

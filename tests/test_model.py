@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.clusters import ClusterFileError, load_cluster_file
+from xmc_dst.clusters import ClusterFileError, load_cluster_file
 from xmc_dst.encoders import BagOfWordsEncoder, EncoderInputs, TransformerEncoder, masked_mean
 from xmc_dst.losses import squared_hinge
 from xmc_dst.model import XMCModule, top_k

@@ -178,13 +178,13 @@ def test_dst_schedule_counts_only_applied_steps_and_regrows_from_the_applied_ste
     import callbacks.dst as dst_module
 
     seen: list[tuple[int, bool]] = []
-    real = dst_module.gradient_candidates
+    real = dst_module.GradientScores
 
     def spy(x, dy, *args, **kwargs):
         seen.append((x.shape[0], bool(torch.isfinite(dy).all() and torch.isfinite(x).all())))
         return real(x, dy, *args, **kwargs)
 
-    monkeypatch.setattr(dst_module, "gradient_candidates", spy)
+    monkeypatch.setattr(dst_module, "GradientScores", spy)
     dst = DynamicSparseTraining(interval=3, start=0, end_step=40, threshold=0.05, seed=0, regrow="gradient")
     module, probe, guard = overflow_run("cpu", max_steps=40, dst=dst)
     skipped = guard.skipped

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xmc_dst.clusters import count_clusters
 from xmc_dst.optim import split_no_decay
 
 __all__ = ["MemoryEstimate", "PartBytes", "estimate_memory", "estimate_memory_main", "estimate_memory_parts",
@@ -352,7 +353,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
     notes = []
     if model.get("aux_cluster_file") and not aux:
         try:
-            aux = int(_cluster_count(model["aux_cluster_file"]))
+            aux = count_clusters(model["aux_cluster_file"])
         except OSError:
             notes.append(f"aux_cluster_file {model['aux_cluster_file']} not found: auxiliary head not counted")
 
@@ -375,15 +376,6 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         estimate.notes.append("encoder activations: Korthikanti et al. (2022) per-layer formula; attention kernels "
                               "that do not keep the s x s scores (flash/memory-efficient SDPA) need less")
     return estimate
-
-
-def _cluster_count(path: str) -> int:
-    import numpy as np
-
-    array = np.load(path, allow_pickle=True)
-    if array.dtype == object or array.ndim == 2:
-        return len(array)
-    return int(array.max()) + 1
 
 
 def peak_rss_bytes() -> int | None:

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.clusters import ClusterNamesNeeded, count_clusters, load_cluster_file
+from xmc_dst.clusters import ClusterNamesNeeded, count_clusters, load_cluster_file
 from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation
 from xmc_dst.losses import LossName, Reduction, bce_with_logits, rows_of, xmc_loss
 from xmc_dst.metrics import XMCMetrics, inverse_propensity, mask_reciprocal_logits
@@ -111,7 +111,7 @@ class XMCModule(L.LightningModule):
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
         aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
-        aux_cluster_file: ``.npy`` label -> cluster assignment (see :func:`callbacks.clusters.load_cluster_file`);
+        aux_cluster_file: ``.npy`` label -> cluster assignment (see :func:`xmc_dst.clusters.load_cluster_file`);
             without it, labels are assigned to ``aux_clusters`` contiguous blocks of label ids until a callback calls
             :meth:`set_label_clusters`.
         loss: ``squared_hinge`` (the paper's) or ``bce``.
