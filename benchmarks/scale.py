@@ -104,13 +104,13 @@ def slug(name: str) -> str:
 
 def variant_model_args(variant: str, fan_in: int, intermediate_dim: int) -> dict[str, Any]:
     """XMCModule arguments of a head variant."""
+    sparse = {"class_path": "xmc_dst.heads.FixedFanInHead", "init_args": {"fan_in": fan_in}}
     if variant == "dense":
-        return {"head": "dense", "fan_in": fan_in, "intermediate_dim": 0}
+        return {"head": {"class_path": "xmc_dst.heads.DenseHead"}, "intermediate_dim": 0}
     if variant == "sparse":
-        return {"head": "sparse", "fan_in": fan_in, "intermediate_dim": 0}
+        return {"head": sparse, "intermediate_dim": 0}
     if variant == "sparse-int":
-        return {"head": "sparse", "fan_in": fan_in, "intermediate_dim": intermediate_dim,
-                "intermediate_activation": "relu"}
+        return {"head": sparse, "intermediate_dim": intermediate_dim, "intermediate_activation": "relu"}
     raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
 
 
@@ -168,7 +168,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                                 cache_dir=spec["cache_dir"])
     encoder = functools.partial(TransformerEncoder, **ENCODER_ARGS)
     model = XMCModule(encoder, num_labels=data.num_labels, tokenizer=data.tokenizer_name, loss="squared_hinge",
-                      loss_reduction="batch_mean", head_impl="auto", seed=0,
+                      loss_reduction="batch_mean", seed=0,
                       **variant_model_args(spec["variant"], spec["fan_in"], spec["intermediate_dim"]))
 
     class StepTimer(L.Callback):

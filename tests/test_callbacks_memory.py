@@ -39,6 +39,9 @@ class Toy(L.LightningModule):
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
 
+HEADS = {"sparse": "xmc_dst.heads.FixedFanInHead", "dense": "xmc_dst.heads.DenseHead"}
+
+
 def toy_loader() -> DataLoader:
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(4, 10, generator=g), torch.randn(4, 50, generator=g)) for _ in range(3)]
@@ -100,10 +103,9 @@ def test_estimate_of_the_static_part_matches_the_profiler(head, tmp_path):
 
     encoder = {"class_path": "xmc_dst.encoders.BagOfWordsEncoder", "init_args": {"embedding_dim": 48,
                                                                                   "hidden_dim": 40}}
-    hparams = dict(num_labels=700, num_features=300, fan_in=8, intermediate_dim=24, aux_clusters=16,
-                   head_optimizer="sgd", warmup_steps=0)
-    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=48, hidden_dim=40), head=head,
-                      **hparams)
+    spec = {"class_path": HEADS[head], "init_args": {"optimizer": "sgd", **({"fan_in": 8} if head == "sparse" else {})}}
+    hparams = dict(num_labels=700, num_features=300, head=spec, intermediate_dim=24, aux_clusters=16, warmup_steps=0)
+    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=48, hidden_dim=40), **hparams)
     profiler = MemoryProfiler(print_table=False)
     aux = AuxiliaryObjective(cutoff_step=100, build_clusters=False)  # the auxiliary head trains (has state)
     L.Trainer(callbacks=[aux, profiler], max_steps=2, default_root_dir=tmp_path, logger=False,
@@ -129,10 +131,10 @@ def test_optimizer_step_temporary_is_measured_as_estimated(head):
     from xmc_dst.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from xmc_dst.model import XMCModule
 
-    hparams = dict(num_labels=100_000, num_features=70_000, fan_in=8, warmup_steps=0)
+    spec = {"class_path": HEADS[head], "init_args": {"fan_in": 8} if head == "sparse" else {}}
+    hparams = dict(num_labels=100_000, num_features=70_000, head=spec, warmup_steps=0)
     torch.manual_seed(0)
-    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=128, hidden_dim=0), head=head,
-                      **hparams)
+    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=128, hidden_dim=0), **hparams)
     optimizer = model.configure_optimizers()["optimizer"]
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)
@@ -157,7 +159,8 @@ def test_estimate_counts_a_transformer_exactly_and_compares_heads_at_670k(tiny_e
 
     config = {"model": {"class_path": "xmc_dst.model.XMCModule", "init_args": {
         "encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder", "init_args": {"trainable_layers": 1}},
-        "tokenizer": str(tiny_encoder_dir), "fan_in": 32}},
+        "tokenizer": str(tiny_encoder_dir),
+        "head": {"class_path": "xmc_dst.heads.FixedFanInHead", "init_args": {"fan_in": 32}}}},
         "trainer": {"precision": "16-mixed", "callbacks": [
             {"class_path": "callbacks.DynamicSparseTraining", "init_args": {"interval": 100}}]}}
     estimate = estimate_memory(config, num_labels=670_091, batch_size=4, max_length=16, budget_gib=1.0)
@@ -202,7 +205,7 @@ model:
   encoder: {class_path: xmc_dst.encoders.BagOfWordsEncoder, init_args: {embedding_dim: 32, hidden_dim: 0}}
   num_labels: 100000
   num_features: 5000
-  fan_in: 16
+  head: {class_path: xmc_dst.heads.FixedFanInHead, init_args: {fan_in: 16}}
 """)
     assert estimate_memory_main(["--config", str(config), "--json", "--batch-size", "16"]) == 0
     report = json.loads(capsys.readouterr().out)

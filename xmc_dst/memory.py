@@ -24,6 +24,7 @@ sparse head side by side; :func:`static_breakdown` counts the tensors of a live 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,14 +262,25 @@ def _import(path: str) -> Any:
 def _count_encoder(encoder_spec: Mapping[str, Any], tokenizer: str | None, num_features: int | None,
                    ) -> tuple[nn.Module, int, int]:
     """Build the encoder on the meta device (no memory, no weights read) and count its parameters."""
+    from xmc_dst.components import resolve_factory
     from xmc_dst.encoders import EncoderInputs
-    from xmc_dst.model import _resolve_factory
 
-    factory = _resolve_factory(dict(encoder_spec))
+    factory = resolve_factory(dict(encoder_spec))
     with torch.device("meta"):
         encoder = factory(EncoderInputs(tokenizer=tokenizer, num_features=num_features, pretrained_weights=False))
     params = list(encoder.parameters())
     return encoder, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _head_settings(model: Mapping[str, Any]) -> tuple[int, str]:
+    """(fan_in, optimizer) of the config's head; what it does not set (a dense head has no fan-in), the fixed
+    fan-in head's defaults, for the sparse column."""
+    from xmc_dst.heads import FixedFanInHead
+
+    defaults = inspect.signature(FixedFanInHead).parameters
+    args = _init_args(model.get("head"))
+    return (int(args.get("fan_in", defaults["fan_in"].default)),
+            str(args.get("optimizer", defaults["optimizer"].default)))
 
 
 def _precision_bytes(precision: str) -> tuple[int, int]:
@@ -336,6 +348,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
     if num_features is None and "BagOfWords" in str(encoder_spec.get("class_path")):
         num_features = model.get("num_features") or (data_cls(**data).num_features if data_cls else None)
     encoder, enc_params, enc_trainable = _count_encoder(encoder_spec, tokenizer, num_features)
+    fan_in, head_optimizer = _head_settings(model)
     enc_groups = split_no_decay(encoder.named_parameters())  # XMCModule's two encoder groups
     enc_largest = max(sum(p.numel() for p in group) for group in enc_groups)
     enc_out = int(encoder.output_dim)
@@ -363,11 +376,11 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
             dst_args = _init_args(callback)
     budget = int(budget_gib * GIB) if budget_gib is not None else None
     estimate = estimate_memory_parts(
-        num_labels=int(labels), head_in=head_in, fan_in=int(model.get("fan_in", 64)), batch_size=batch,
+        num_labels=int(labels), head_in=head_in, fan_in=fan_in, batch_size=batch,
         encoder_params=enc_params, encoder_trainable=enc_trainable, encoder_activations=enc_act,
         encoder_output_dim=enc_out, encoder_largest_group=enc_largest, intermediate_dim=intermediate,
         aux_clusters=aux, param_bytes=param_bytes,
-        encoder_optimizer=model.get("encoder_optimizer", "adamw"), head_optimizer=model.get("head_optimizer", "adamw"),
+        encoder_optimizer=model.get("encoder_optimizer", "adamw"), head_optimizer=head_optimizer,
         dst=dst_args is not None, track_itop=bool((dst_args or {}).get("track_itop", True)),
         itop_rows=(dst_args or {}).get("itop_rows", 65_536),
         gradient_regrowth=(dst_args or {}).get("regrow") == "gradient", precision=precision, budget_bytes=budget)
