@@ -6,7 +6,7 @@ encoder fine-tuned end to end, an optional intermediate layer, the label head, t
 project's AdamW, driven by a Lightning ``Trainer.fit`` on synthetic data in the raw-text layout
 (``benchmarks/synthetic.py``: power-law label frequencies, ~5 labels per document, label-dependent texts) read by
 ``datamodules.RawTextXMCDataModule``. Label counts are those of Wiki10-31K, AmazonTitles-131K and Amazon-670K; the
-memory at Amazon-3M's 2.8M labels is the estimate of :func:`xmc_dst.memory.estimate_memory` (no run).
+memory at Amazon-3M's 2.8M labels is the estimate of :func:`xmc_dst.estimate.estimate_memory` (no run).
 
 How: every configuration (label count x head) runs in a fresh Python process, so its peak resident memory is its
 own. The process trains ``--warmup + --steps`` optimizer steps; throughput counts the documents of the last
@@ -124,8 +124,8 @@ def dst_args(warmup: int) -> dict[str, Any]:
 
 
 def estimate_gb(num_labels: int, variant: str, args: argparse.Namespace, tokenizer: str) -> dict[str, float]:
-    """Estimated training memory (GB) of one configuration: total and static, from :mod:`xmc_dst.memory`."""
-    from xmc_dst.memory import estimate_memory
+    """Estimated training memory (GB) of one configuration: total and static, from :mod:`xmc_dst.estimate`."""
+    from xmc_dst.estimate import estimate_memory
 
     model = {"encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder", "init_args": dict(ENCODER_ARGS)},
              "num_labels": num_labels, **variant_model_args(variant, args.fan_in, args.intermediate_dim)}
@@ -471,7 +471,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "process used while timed, an indication (not a measurement) of what an uncontended core would do. "
         "*peak RSS*: the process's VmHWM (interpreter, libraries, tokenised data, model; all of it). *head "
         "params*: parameters of the label head. *head+optimizer*: the head's parameters, gradients, AdamW moments and "
-        "int32 indices, counted from the live tensors. *estimate*: `xmc_dst.memory.estimate_memory` for the whole "
+        "int32 indices, counted from the live tensors. *estimate*: `xmc_dst.estimate.estimate_memory` for the whole "
         "training step (static + activations, no interpreter or data), the number to compare with a device budget."
         + (" *peak CUDA*: `torch.cuda.max_memory_allocated` during fit." if cuda else "")
         + " Peak RSS exceeds the estimate by the interpreter, libraries and data (RSS at fit start minus the model's "

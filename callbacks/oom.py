@@ -12,11 +12,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from xmc_dst.memory import static_breakdown
+from xmc_dst.memory import GIB, static_breakdown
 
 __all__ = ["OutOfMemoryAdvice", "OutOfMemoryAdvisor"]
 
-GIB = 1024**3
 KNOBS = {
     "head": "a sparse head (model.head: xmc_dst.heads.FixedFanInHead) or a lower fan_in; AdamW keeps two states per "
             "weight, SGD with momentum one",

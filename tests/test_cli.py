@@ -204,11 +204,11 @@ def test_relocates_the_shipped_minilm():
 
 
 def test_estimate_memory_is_an_xmc_dst_subcommand() -> None:
-    from xmc_dst import memory
+    from xmc_dst import estimate
     from xmc_dst.cli import EXTRA_SUBCOMMANDS, _resolve_subcommand
 
     function, _ = EXTRA_SUBCOMMANDS["estimate-memory"]
-    assert _resolve_subcommand(function) is memory.estimate_memory_main
+    assert _resolve_subcommand(function) is estimate.estimate_memory_main
 
 
 def test_resume_callbacks_are_on_by_default(tiny_data, tiny_encoder_dir, tmp_path):

@@ -258,7 +258,7 @@ def cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> X
     return XMCLightningCLI(XMCModule, XMCDataModule, args=None if args is None else list(args), run=run, **kwargs)
 
 
-register_subcommand("estimate-memory", "xmc_dst.memory:estimate_memory_main",
+register_subcommand("estimate-memory", "xmc_dst.estimate:estimate_memory_main",
                     "predict training memory of a config, dense and sparse head side by side")
 
 
