@@ -145,7 +145,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from datamodules.resources import minilm_dir, shipped_dir
+    from xmc_dst.paths import minilm_dir, shipped_dir
 
     with tempfile.TemporaryDirectory(prefix="xmc_bench_") as tmp:
         root = Path(tmp)

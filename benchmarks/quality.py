@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python benchmarks/quality.py` from a checkout: import benchmarks.*
 
-from xmc_dst.provenance import git_commit, machine  # noqa: E402 - after the path above
+from xmc_dst.paths import cache_dir  # noqa: E402 - after the path above
+from xmc_dst.provenance import git_commit, machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                              "with the first seed)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (e.g. 2 runs of 1 thread)")
-    parser.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "xmc_dst" / "quality",
+    parser.add_argument("--feature-cache", type=Path, default=cache_dir("quality"),
                         help="where frozen-encoder runs share their pooled vectors (exact)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true")

@@ -27,7 +27,7 @@ the machine this ran on is shared.
 
 Writes ``benchmarks/results/scale_cpu.{jsonl,md}`` and ``scale_memory.png`` (on CUDA ``scale_<gpu>.{jsonl,md}`` and
 ``scale_memory_<gpu>.png``). Synthetic data and its tokenised cache are kept under ``--data-root`` (default
-``~/.cache/xmc_dst/synthetic``) and reused when their settings match.
+``synthetic`` under the cache root of :mod:`xmc_dst.paths`) and reused when their settings match.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xmc_dst.paths import cache_dir
 from xmc_dst.provenance import cpu_model, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--docs-per-label", type=float, default=4.0,
                         help="synthetic training documents per label on average (Amazon-670K: 4.0)")
-    parser.add_argument("--data-root", default=str(Path.home() / ".cache" / "xmc_dst" / "synthetic"))
+    parser.add_argument("--data-root", default=str(cache_dir("synthetic")))
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--report-only", action="store_true", help="rewrite the md and png from the jsonl")
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         write_reports(rows, args.out_dir, tag, regenerated=True)
         return
 
-    from datamodules.resources import default_tokenizer
+    from xmc_dst.paths import default_tokenizer
 
     tokenizer = default_tokenizer()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT),

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from xmc_dst.clusters import CLUSTER_FIX, balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
+from xmc_dst.paths import SHIPPED_DATA, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -180,25 +181,21 @@ class AuxiliaryObjective(L.Callback):
 
     def cache_directory(self, trainer: L.Trainer) -> Path:
         """``cache_dir``; else the text DataModule's token cache, a writable ``data_dir`` (never the data shipped
-        inside the package: a checkout would collect cache files), or ``~/.cache``."""
+        inside the package: a checkout would collect cache files), or ``label_clusters`` under the cache root
+        (:mod:`xmc_dst.paths`)."""
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        import datamodules
-
-        shipped = Path(datamodules.__file__).resolve().parent
         dm = trainer.datamodule
         for attr in ("cache_path", "data_dir"):
             try:
                 place = getattr(dm, attr, None)
             except Exception:  # noqa: BLE001 - a property that cannot resolve here simply is not a candidate
                 place = None
-            if place is None or shipped in Path(place).resolve().parents:
+            if place is None or Path(place).resolve().is_relative_to(SHIPPED_DATA):
                 continue
             if Path(place).is_dir() and os.access(place, os.W_OK):
                 return Path(place)
-        from datamodules.cache import default_cache_root
-
-        return default_cache_root() / "label_clusters"
+        return cache_dir("label_clusters")
 
     def _cache_file(self, trainer: L.Trainer, num_labels: int, num_clusters: int) -> Path | None:
         dm = trainer.datamodule

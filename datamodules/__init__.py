@@ -39,10 +39,6 @@ _EXPORTS = {
     "Debtags": "named",
     "Bibtex": "named",
     "Delicious": "named",
-    "default_tokenizer": "resources",
-    "minilm_dir": "resources",
-    "shipped_dir": "resources",
-    "default_cache_root": "cache",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from xmc_dst.paths import shipped_dir
+
 from .base import XC_REPOSITORY, PublishedStats
 from .bow import BoWXMCDataModule
 from .lf import LFXMCDataModule
 from .raw_text import RawTextXMCDataModule
-from .resources import shipped_dir
 
 
 def _published_in(name: str) -> str:

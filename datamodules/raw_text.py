@@ -72,7 +72,7 @@ class RawTextXMCDataModule(TokenizedTextDataModule):
         val_fraction: fraction of training documents carved out (fixed ``seed``) as validation; 0 = none.
         seed: seed of the validation split.
         text_variant: "raw" reads ``*_raw_texts.txt``, "plain" ``*_texts.txt``, "auto" raw where both exist.
-        cache_dir: cache root (default ``~/.cache/xmc_dst``); the cache is ``<root>/<dataset>/<fingerprint>``.
+        cache_dir: cache root (default: :func:`xmc_dst.paths.cache_root`); the cache is ``<root>/<dataset>/<fp>``.
         num_proc: processes for tokenisation.
         val_on_test: with ``val_fraction=0``, validate on the test split (True) or not at all (False).
         predict_file: a text file (one document per line) for ``predict``; default: the test split.

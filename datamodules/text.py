@@ -26,18 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from xmc_dst.paths import cache_root, default_tokenizer
+
 from .base import XMCDataModule, split_indices
-from .cache import (
-    atomic_directory,
-    build_lock,
-    default_cache_root,
-    file_signature,
-    fingerprint,
-    tokenizer_signature,
-)
+from .cache import atomic_directory, build_lock, file_signature, fingerprint, tokenizer_signature
 from .collate import ArrowRows, TextCollate
 from .formats import DataFormatError, iter_lines
-from .resources import default_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +145,7 @@ class TokenizedTextDataModule(XMCDataModule):
                          propensity_b)
         self.tokenizer_name = str(tokenizer) if tokenizer is not None else default_tokenizer()
         self.max_length = int(max_length)
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
         self.num_proc = max(1, int(num_proc))
         self.predict_file = Path(predict_file) if predict_file is not None else None
         self._tokenizer: Any = None

@@ -192,8 +192,8 @@ def test_metrics_table_layout():
 
 
 def test_relocates_the_shipped_minilm():
-    from datamodules import minilm_dir
     from xmc_dst.inference import _relocate
+    from xmc_dst.paths import minilm_dir
 
     here = minilm_dir()
     if here is None:

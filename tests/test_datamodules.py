@@ -33,7 +33,7 @@ from datamodules import (
     Wiki500K,
 )
 from datamodules.formats import read_xc_single
-from datamodules.resources import shipped_dir
+from xmc_dst.paths import shipped_dir
 
 TRAIN = [("a python library", "b a"), ("game data file", "c"), ("no labels here", ""), ("network tool", "a d")]
 TEST = [("the python tool", "a z"), ("unknown", "q"), ("empty labels", ""), ("data for a game", "c c")]

