@@ -292,16 +292,17 @@ def test_drives_the_xmc_module_with_a_cluster_file(tmp_path):
     from xmc_dst.model import XMCModule
 
     batches = planted_batches()
-    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=0),
-                      num_labels=OUT, num_features=VOCAB, head=functools.partial(FixedFanInHead, fan_in=4, lr=0.05),
-                      aux_clusters=GROUPS, warmup_steps=0, encoder_lr=0.01)
     file = tmp_path / "label_group0.npy"
     groups = np.empty(GROUPS, dtype=object)
     groups[:] = [np.arange(c * LABELS_PER_GROUP, (c + 1) * LABELS_PER_GROUP) for c in range(GROUPS)]
     np.save(file, groups, allow_pickle=True)
-    callback = AuxiliaryObjective(alpha=0.4, cutoff_step=5, cluster_file=str(file))
+    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=0),
+                      num_labels=OUT, num_features=VOCAB, head=functools.partial(FixedFanInHead, fan_in=4, lr=0.05),
+                      aux_cluster_file=str(file), warmup_steps=0, encoder_lr=0.01)
+    callback = AuxiliaryObjective(alpha=0.4, cutoff_step=5)  # builds nothing: the module reads its own file
     trainer = fit(model, [callback], batches, max_steps=8)
     assert torch.equal(model.label_clusters, torch.arange(OUT) // LABELS_PER_GROUP)
+    assert callback.cluster_source == str(file) and callback.build_seconds is None
     assert model.aux_head is None and callback.removed_at_step == 5
     names = [g.get("name") for g in trainer.optimizers[0].param_groups]
     aux_group = trainer.optimizers[0].param_groups[names.index("aux")]

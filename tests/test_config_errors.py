@@ -10,7 +10,6 @@ one.
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import lightning as L
@@ -142,18 +141,17 @@ def test_xmc_dst_prints_the_data_modules_own_message_not_the_union_wrapper(raw, 
 
 def test_xmc_dst_prints_a_callbacks_own_message_and_keeps_tracebacks_of_bugs(raw, tiny_encoder_dir, tmp_path,
                                                                              cache, steps, capsys, monkeypatch):
-    """A callback's ``__init__`` error (AuxiliaryObjective's missing cluster file) is unwrapped the same way; an
+    """A callback's ``__init__`` error (AuxiliaryObjective's out-of-range alpha) is unwrapped the same way; an
     error that is not a bad value or file (a KeyError), or not raised by the project's code (a ValueError from this
     test's training_step), still propagates with its traceback."""
     config = tmp_path / "aux.yaml"
-    missing = tmp_path / "nowhere.npy"
     config.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.AuxiliaryObjective\n      init_args: "
-                      f"{{cutoff_step: 1, cluster_file: '{missing}'}}\n")
+                      "{cutoff_step: 1, alpha: 1.5}\n")
     options = args(raw, tiny_encoder_dir, tmp_path, cache, "--model.aux_clusters", "2", "--config", str(config))
     assert main(options) == 2
     err = capsys.readouterr().err
     line = err[err.index("xmc-dst: error:"):].splitlines()[0]
-    assert re.search(rf"cluster_file .*{re.escape(str(missing))} does not exist; rebuild the file", line)
+    assert line == "xmc-dst: error: alpha must be in [0, 1], got 1.5"
     assert steps == []
 
     for bug in (KeyError("a bug, not a configuration error"), ValueError("a bug outside the project's code")):
@@ -255,30 +253,6 @@ def test_cluster_file_missing_a_training_label_fails_in_setup_before_any_step(ra
     assert steps == [0]
     assert run.model.label_clusters.tolist() == [0 if name in ("lang::python", "use::gameplaying") else 1
                                                  for name in run.datamodule.label_names]
-
-
-def test_auxiliary_objective_checks_its_cluster_file(raw, tiny_encoder_dir, tmp_path, cache, steps):
-    """The callback's own ``cluster_file``: absent fails when the config is read, a foreign one in setup."""
-    config = tmp_path / "aux.yaml"
-
-    def with_callback(cluster_file: Path) -> list[str]:
-        config.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.AuxiliaryObjective\n      init_args: "
-                          f"{{cutoff_step: 1, cluster_file: '{cluster_file}'}}\n")
-        return args(raw, tiny_encoder_dir, tmp_path, cache, "--model.aux_clusters", "2", "--config", str(config))
-
-    with pytest.raises(ValueError) as info:  # a callback's __init__ error, wrapped by jsonargparse (see cause)
-        cli(with_callback(tmp_path / "nowhere.npy"))
-    assert re.search(r"cluster_file .*nowhere\.npy does not exist; rebuild the file",
-                     str(cause(info.value, FileNotFoundError)))
-    out_of_range = tmp_path / "rows.npy"
-    np.save(out_of_range, np.array([[0, 1], [2, 7]]))  # label 7 of 4
-    with pytest.raises(ClusterFileError, match=r"cluster 1 names label ids outside \[0, 4\) \(the data has 4 "
-                                               r"labels\): 7; rebuild"):
-        cli(with_callback(out_of_range))
-    assert steps == []
-    np.save(out_of_range, np.array([[0, 1], [2, 3]]))
-    cli(with_callback(out_of_range))
-    assert steps == [0]
 
 
 # ---------------------------------------------------------------------------------------------- (d) label count
