@@ -37,12 +37,12 @@ Protocol (the one of ``configs/<dataset>.yaml`` and ``benchmarks/quality.py``):
   it (``val_fraction: 0.1``, seed 42, in the configs) to select their checkpoint; ``--holdout`` trains the peers on
   the same 90% instead.
 - Test: the full test split; P@1/3/5 and PSP@1/3/5 from :func:`xmc_dst.metrics.xmc_metrics` with the inverse
-  propensities of :func:`xmc_dst.metrics.inverse_propensity` (A = 0.55, B = 1.5 for every dataset; = 1 /
-  ``datamodules.base.jain_propensity``) over the label counts of the training documents our models use (the config's
-  90%), so that the PS weights are the same as in the models' rows of the quality table. ``--propensity full-train``
-  counts over the whole training file instead; every row also carries the PSP@k under the other choice
-  (``alt_psp``). They differ: with 10% fewer documents every label count and N shrink, and PSP@1 moves by 0.3
-  (Bibtex) to 0.9 (Debtags) points, the same for every system, so compare PSP only between rows with the same weights.
+  propensities of :func:`xmc_dst.metrics.inverse_propensity` (A = 0.55, B = 1.5 for every dataset) over the label
+  counts of the training documents our models use (the config's 90%), so that the PS weights are the same as in the
+  models' rows of the quality table. ``--propensity full-train`` counts over the whole training file instead; every
+  row also carries the PSP@k under the other choice (``alt_psp``). They differ: with 10% fewer documents every label
+  count and N shrink, and PSP@1 moves by 0.3 (Bibtex) to 0.9 (Debtags) points, the same for every system, so compare
+  PSP only between rows with the same weights.
 - Times: ``train_s`` = fitting the peer on ready features (for omikuji this includes its parsing of the XC training
   file it requires; writing that file is not counted), ``predict_s`` = top-5 predictions for the whole test split
   (omikuji predicts one document per call from Python). Building the features is timed apart (``features_s``).

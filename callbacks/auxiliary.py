@@ -26,10 +26,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from callbacks.loggers import log_to_loggers
 from xmc_dst.clusters import balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
+from xmc_dst.optim import cosine_decay
 from xmc_dst.paths import SHIPPED_DATA, cache_dir
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class AuxiliaryObjective(L.Callback):
             raise RuntimeError("the cutoff step is known once training starts (or pass cutoff_step)")
         if step >= self.total_steps:
             return 0.0
-        return self.alpha * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))
+        return cosine_decay(self.alpha, 0.0, step, self.total_steps)
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -156,7 +157,9 @@ class AuxiliaryObjective(L.Callback):
                 metrics = {"aux/alpha": self.current_alpha}
                 if self._aux_values:
                     metrics["aux/loss"] = sum(self._aux_values) / len(self._aux_values)
-                _log(trainer, metrics, self._step)
+                # at the step whose batch used these values; ``LightningModule.log`` would repeat the last one until
+                # the end of the epoch after the cutoff
+                log_to_loggers(trainer, metrics, self._step)
             self._aux_values = []
 
     def _remove(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -235,14 +238,6 @@ class AuxiliaryObjective(L.Callback):
         else:
             self.cluster_source = "built"
         return assignment
-
-
-@rank_zero_only
-def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Straight to the loggers, at the step whose training batch used these values (as Lightning labels them):
-    a value logged through ``LightningModule.log`` would be repeated until the end of the epoch after the cutoff."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
 
 
 def _num_labels(trainer: L.Trainer, pl_module: L.LightningModule) -> int:

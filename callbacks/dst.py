@@ -48,20 +48,15 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from callbacks.loggers import log_to_loggers
+from xmc_dst.optim import cosine_decay
 from xmc_dst.regrowth import GRADIENT_CHUNK_ELEMENTS, EverActive, GradientScores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DynamicSparseTraining", "cosine_decay", "find_sparse_layers"]
-
-
-def cosine_decay(initial: float, floor: float, t: int, total: int) -> float:
-    """``floor + (initial - floor) * (1 + cos(pi * t / total)) / 2``, clamped to ``0 <= t <= total``."""
-    t = min(max(t, 0), max(total, 1))
-    return floor + (initial - floor) * 0.5 * (1.0 + math.cos(math.pi * t / max(total, 1)))
+__all__ = ["DynamicSparseTraining", "find_sparse_layers"]
 
 
 def find_sparse_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -306,7 +301,7 @@ class DynamicSparseTraining(L.Callback):
             torch.cuda.synchronize()
         metrics["dst/update_seconds"] = time.perf_counter() - began
         self.history.append({"step": float(step), **metrics})
-        _log(trainer, metrics, trainer.global_step)
+        log_to_loggers(trainer, metrics, trainer.global_step)  # updates are sparse events
         return metrics
 
     def _rewire(self, trainer: L.Trainer, name: str, layer: nn.Module, amount: float):
@@ -388,9 +383,3 @@ def _in_features(layer: nn.Module) -> int:
         return int(layer.in_features)
     raise ValueError(f"{type(layer).__name__} has no in_features")
 
-
-@rank_zero_only
-def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Straight to the loggers: updates are sparse events that ``log_every_n_steps`` could skip."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)

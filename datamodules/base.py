@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -51,12 +50,6 @@ def split_indices(num_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
     permutation = np.random.default_rng(seed).permutation(num_docs)
     num_val = int(round(num_docs * val_fraction))
     return np.sort(permutation[num_val:]), np.sort(permutation[:num_val])
-
-
-def jain_propensity(label_counts: torch.Tensor, num_docs: int, a: float, b: float) -> torch.Tensor:
-    """Propensity scores of Jain et al. (2016): ``1 / (1 + C (N_l + B)^-A)``, ``C = (log N - 1) (B + 1)^A``."""
-    c = (math.log(num_docs) - 1.0) * (b + 1.0) ** a
-    return 1.0 / (1.0 + c * torch.exp(-a * torch.log(label_counts.double() + b))).float()
 
 
 def _default_seed() -> int:
@@ -223,10 +216,6 @@ class XMCDataModule(L.LightningDataModule):
     label_names: list[str]
     train_label_counts: torch.Tensor
     num_train_docs: int
-
-    def propensity(self) -> torch.Tensor:
-        """Per-label propensity scores from the training label counts and (``propensity_a``, ``propensity_b``)."""
-        return jain_propensity(self.train_label_counts, self.num_train_docs, self.propensity_a, self.propensity_b)
 
     def _collate(self, split: str):
         raise NotImplementedError
