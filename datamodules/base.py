@@ -182,7 +182,20 @@ class ResumableDataLoader(DataLoader):
 
 
 class XMCDataModule(L.LightningDataModule):
-    """Base class: subclasses fill ``self._datasets`` (split -> torch Dataset) and provide the label attributes."""
+    """Base class: subclasses fill ``self._datasets`` (split -> torch Dataset) and provide the label attributes.
+
+    The settings every DataModule shares are declared here only; subclasses take them as keyword arguments
+    (``**kwargs``) and pass them on, so a yaml sets them the same way for every class.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        val_fraction: share of training documents carved out (fixed ``seed``) as validation; 0 = none.
+        seed: seed of the validation split.
+        val_on_test: with ``val_fraction=0``, validate on the test split (True) or not at all (False).
+        propensity_a, propensity_b: constants (A, B) of the propensity model of the PS metrics.
+    """
 
     published: PublishedStats | None = None
 
