@@ -147,17 +147,22 @@ def _transposed_product(tr: _Transposed, weight: Tensor, grad_t: Tensor, in_feat
     return acc
 
 
+def _output_of_transposed(ctx, out_t: Tensor, bias: Tensor | None, transposed: _Transposed, *saved: Tensor) -> Tensor:
+    """The ``[batch, out]`` output of a ``[out, batch]`` product, bias added; keeps what backward needs."""
+    if bias is not None:
+        out_t += bias[:, None]
+    ctx.save_for_backward(*saved)
+    ctx.transposed, ctx.has_bias = transposed, bias is not None
+    return out_t.t()
+
+
 class _CSRFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # noqa: D102
                 transposed: _Transposed) -> Tensor:
         in_features = x.shape[1]
         out_t = torch.sparse.mm(_csr(indices, weight, in_features), x.t().contiguous())  # [out, batch]
-        if bias is not None:
-            out_t += bias[:, None]
-        ctx.save_for_backward(x, weight, indices)
-        ctx.transposed, ctx.has_bias = transposed, bias is not None
-        return out_t.t()
+        return _output_of_transposed(ctx, out_t, bias, transposed, x, weight, indices)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
@@ -180,11 +185,7 @@ class _EmbeddingBagFunction(torch.autograd.Function):
                 transposed: _Transposed) -> Tensor:
         xt = x.t().contiguous()
         out_t = nn.functional.embedding_bag(indices, xt, per_sample_weights=weight, mode="sum")  # [out, batch]
-        if bias is not None:
-            out_t += bias[:, None]
-        ctx.save_for_backward(xt, weight, indices)
-        ctx.transposed, ctx.has_bias = transposed, bias is not None
-        return out_t.t()
+        return _output_of_transposed(ctx, out_t, bias, transposed, xt, weight, indices)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
