@@ -281,14 +281,6 @@ def test_metric_accumulates_over_batches(seed: int) -> None:
     assert_close_dict(metric.compute(), ref)
 
 
-def test_metric_states_are_sums() -> None:
-    metric = XMCMetrics(ks=(1, 5), inv_propensity=torch.ones(3))
-    assert metric._reductions
-    assert all(getattr(fx, "__name__", "") == "dim_zero_sum" for fx in metric._reductions.values())
-    for name, default in metric._defaults.items():
-        assert default.dtype == torch.float64, name
-
-
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")  # merge_state leaves the update counter at 0
 def test_merge_state_like_ddp() -> None:
     y, topk, w, batches = _batches(5, n_batches=4)
