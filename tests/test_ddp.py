@@ -20,6 +20,8 @@ from callbacks import AuxiliaryObjective, DynamicSparseTraining
 from xmc_dst.optim import drop_parameters
 from xmc_dst.sparse import FixedFanInLinear
 
+pytestmark = pytest.mark.slow  # multi-process: run by .ci/run, not in the fast tier
+
 IN, HIDDEN, OUT, CLUSTERS = 10, 24, 40, 4
 
 

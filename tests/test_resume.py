@@ -326,6 +326,7 @@ def test_resume_at_and_between_epoch_ends_sees_the_uninterrupted_batches(every, 
     assert torch.equal(resumed, straight)
 
 
+@pytest.mark.slow  # multi-process: run by .ci/run, not in the fast tier
 def test_two_process_ddp_run_resumes_bit_identically(tmp_path):
     """Under DDP Lightning swaps in its DistributedSampler (the loader state then carries its epoch) and every rank
     gets its own random state back. 32 documents, 2 ranks, batch 4: 4 steps per epoch, killed at step 6."""
