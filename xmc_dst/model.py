@@ -38,7 +38,7 @@ from xmc_dst.optim import Algorithm, GroupwiseOptimizer, Schedule, drop_paramete
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XMCModule", "migrate_hparams", "top_k"]
+__all__ = ["XMCModule", "migrate_hparams", "saved_hparams", "top_k"]
 
 CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -94,10 +94,10 @@ def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return migrated
 
 
-def saved_hparams(path: str | Path) -> dict[str, Any] | None:
-    """The hyperparameters of a checkpoint file (read memory-mapped, weights only), None where they cannot be read."""
+def saved_hparams(path: str | Path, weights_only: bool = True) -> dict[str, Any] | None:
+    """The hyperparameters of a checkpoint file (read memory-mapped), None where they cannot be read."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
     except Exception:  # noqa: BLE001 - not loadable this way: the caller goes on without them
         return None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
@@ -441,7 +441,7 @@ class XMCModule(L.LightningModule):
         """Lightning's loader; a checkpoint written before the head was a component gets its head hyperparameters
         migrated (:func:`migrate_hparams`) unless ``head=`` is given."""
         if "head" not in kwargs and isinstance(checkpoint_path, (str, Path)):
-            hparams = saved_hparams(checkpoint_path)
+            hparams = saved_hparams(checkpoint_path, kwargs.get("weights_only") is not False)
             if hparams is not None and hparams.get("head") != (migrated := migrate_hparams(hparams)).get("head"):
                 kwargs["head"] = migrated["head"]
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
