@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from callbacks.clusters import balanced_kmeans_tree, label_embeddings
+from xmc_dst.clusters import balanced_kmeans_tree, label_embeddings
 from xmc_dst.memory import peak_rss_bytes
 
 
@@ -44,16 +44,10 @@ def random_batches(docs: int, tokens: int, vocab: int, labels: int, labels_per_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=490_449)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=30_522)
-    parser.add_argument("--labels", type=int, default=670_091)
-    parser.add_argument("--labels-per-doc", type=int, default=5)
-    parser.add_argument("--clusters", type=int, default=8_192)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    defaults = {"docs": 490_449, "tokens": 128, "vocab": 30_522, "labels": 670_091, "labels-per-doc": 5,
+                "clusters": 8_192, "dim": 128, "iterations": 10, "batch-size": 512, "seed": 0}  # Amazon-670K's sizes
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
 
     batches = random_batches(args.docs, args.tokens, args.vocab, args.labels, args.labels_per_doc,

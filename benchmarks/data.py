@@ -25,17 +25,20 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python benchmarks/data.py` from a checkout: import benchmarks.*
+
+from benchmarks.common import OFFLINE_ENV, run_child, serve_child  # noqa: E402 - after the path above
+
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 WORDS = (
     "data library python tool network game file system server client graphics audio video kernel module driver "
@@ -119,15 +122,7 @@ def child(spec: dict) -> dict:
 
 
 def run_phase(corpus: str, phase: str, spec: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps({**spec, "phase": phase})],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"{corpus}/{phase} failed:\n{result.stderr[-4000:]}")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = run_child(__file__, {**spec, "phase": phase})  # a failure raises ChildFailed with its output
     return {"corpus": corpus, "phase": phase, **measured, "docs_per_s": measured["docs"] / measured["seconds"]}
 
 
@@ -138,14 +133,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--no-debtags", action="store_true", help="skip the shipped Debtags corpus")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a Markdown table")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        serve_child(args.child, child)
         return
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from datamodules.resources import minilm_dir, shipped_dir
+    from xmc_dst.paths import minilm_dir, shipped_dir
 
     with tempfile.TemporaryDirectory(prefix="xmc_bench_") as tmp:
         root = Path(tmp)

@@ -37,12 +37,12 @@ Protocol (the one of ``configs/<dataset>.yaml`` and ``benchmarks/quality.py``):
   it (``val_fraction: 0.1``, seed 42, in the configs) to select their checkpoint; ``--holdout`` trains the peers on
   the same 90% instead.
 - Test: the full test split; P@1/3/5 and PSP@1/3/5 from :func:`xmc_dst.metrics.xmc_metrics` with the inverse
-  propensities of :func:`xmc_dst.metrics.inverse_propensity` (A = 0.55, B = 1.5 for every dataset; = 1 /
-  ``datamodules.base.jain_propensity``) over the label counts of the training documents our models use (the config's
-  90%), so that the PS weights are the same as in the models' rows of the quality table. ``--propensity full-train``
-  counts over the whole training file instead; every row also carries the PSP@k under the other choice
-  (``alt_psp``). They differ: with 10% fewer documents every label count and N shrink, and PSP@1 moves by 0.3
-  (Bibtex) to 0.9 (Debtags) points, the same for every system, so compare PSP only between rows with the same weights.
+  propensities of :func:`xmc_dst.metrics.inverse_propensity` (A = 0.55, B = 1.5 for every dataset) over the label
+  counts of the training documents our models use (the config's 90%), so that the PS weights are the same as in the
+  models' rows of the quality table. ``--propensity full-train`` counts over the whole training file instead; every
+  row also carries the PSP@k under the other choice (``alt_psp``). They differ: with 10% fewer documents every label
+  count and N shrink, and PSP@1 moves by 0.3 (Bibtex) to 0.9 (Debtags) points, the same for every system, so compare
+  PSP only between rows with the same weights.
 - Times: ``train_s`` = fitting the peer on ready features (for omikuji this includes its parsing of the XC training
   file it requires; writing that file is not counted), ``predict_s`` = top-5 predictions for the whole test split
   (omikuji predicts one document per call from Python). Building the features is timed apart (``features_s``).
@@ -74,9 +74,7 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,8 +88,13 @@ import numpy as np
 import scipy.sparse as sp
 
 # Only the standard library, numpy and scipy at module level: the PECOS child process imports this file under the
-# interpreter of .venv-pecos, which has neither torch nor the project's packages.
+# interpreter of .venv-pecos, which has neither torch nor the project's packages (benchmarks.common is stdlib only).
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # `python benchmarks/peers.py` from a checkout: import benchmarks.*
+
+from benchmarks.common import cell, mean_std  # noqa: E402 - after the path above
+
 DATASETS = ("debtags", "bibtex", "delicious")
 KS = (1, 3, 5)
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
@@ -496,24 +499,6 @@ def evaluate(topk: np.ndarray, data: PeerData, alt: bool = False) -> dict[str, f
     return {name: float(values[name]) for name in METRICS}
 
 
-def mean_std(values: Sequence[float]) -> list[float]:
-    """[mean, sample standard deviation] (std 0 for a single value)."""
-    values = [float(v) for v in values]
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-
-
-def git_commit() -> str:
-    from xmc_dst.provenance import git_commit as commit  # lazily: the PECOS worker's venv lacks the project
-
-    return commit(short=False)
-
-
-def machine() -> str:
-    from xmc_dst.provenance import cpu_model
-
-    return f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs"
-
-
 def run_peers(datasets: Sequence[str] = DATASETS, runs: int = 3, threads: int = 2,
               systems: Sequence[str] | None = None, holdout: bool = False, propensity: str = "model-train",
               command: str | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -523,12 +508,14 @@ def run_peers(datasets: Sequence[str] = DATASETS, runs: int = 3, threads: int = 
     """
     import torch
 
+    from xmc_dst.provenance import git_commit, machine
+
     torch.set_num_threads(threads)
     systems = list(systems or PEERS)
     unknown = [s for s in systems if s not in PEERS]
     if unknown:
         raise ValueError(f"unknown systems {unknown}; choose from {list(PEERS)}")
-    common = {"machine": machine(), "commit": git_commit(), "threads": threads,
+    common = {"machine": machine(), "commit": git_commit(short=False), "threads": threads,
               "command": command or " ".join(shlex.quote(a) for a in sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     skipped: set[str] = set()
@@ -574,10 +561,6 @@ def run_peers(datasets: Sequence[str] = DATASETS, runs: int = 3, threads: int = 
 # ------------------------------------------------------------------------------------------------------ output
 
 
-def _cell(pair: Sequence[float], digits: int = 2) -> str:
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-
-
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table of ``rows`` (mean ± std over runs), with the features and provenance under it."""
     lines = [
@@ -585,10 +568,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        metrics = " | ".join(_cell(row["metrics"][m]) for m in METRICS)
+        metrics = " | ".join(cell(row["metrics"][m]) for m in METRICS)
         load = "/".join(f"{x:.1f}" for x in row.get("load_avg", [])) or "-"
-        lines.append(f"| {row['dataset']} | {row['system']} | {row['runs']} | {metrics} | {_cell(row['train_s'])} | "
-                     f"{_cell(row['predict_s'])} | {load} |")
+        lines.append(f"| {row['dataset']} | {row['system']} | {row['runs']} | {metrics} | {cell(row['train_s'])} | "
+                     f"{cell(row['predict_s'])} | {load} |")
     lines.append("")
     seen: dict[str, dict[str, Any]] = {}
     for row in rows:

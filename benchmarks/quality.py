@@ -32,11 +32,8 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python benchmarks/quality.py` from a checkout: import benchmarks.*
 
-from xmc_dst.provenance import git_commit, machine  # noqa: E402 - after the path above
+from benchmarks.common import ChildFailed, run_child, serve_child  # noqa: E402 - after the path above
+from xmc_dst.paths import cache_dir  # noqa: E402
+from xmc_dst.provenance import git_commit, machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
@@ -84,9 +83,10 @@ def variants(dataset: str) -> dict[str, dict[str, Any]]:
     spec = DATASETS[dataset]
     low, high = spec["fan_ins"]
     out: dict[str, dict[str, Any]] = {
-        "dense": {"model.head": "dense", f"callbacks.{DST}": None},
-        f"sparse-f{high}": {"model.fan_in": high, "model.intermediate_dim": 0},
-        f"sparse-f{low}": {"model.fan_in": low, "model.intermediate_dim": 0},
+        "dense": {"model.head.class_path": "xmc_dst.heads.DenseHead", "model.head.init_args.fan_in": None,
+                  "model.head.init_args.impl": None, f"callbacks.{DST}": None},  # the head's optimizer settings stay
+        f"sparse-f{high}": {"model.head.init_args.fan_in": high, "model.intermediate_dim": 0},
+        f"sparse-f{low}": {"model.head.init_args.fan_in": low, "model.intermediate_dim": 0},
         "sparse+intermediate": dict(RELU_1024),
         "sparse+aux": {"model.aux_clusters": spec["aux_clusters"],
                        f"callbacks.{AUX}": {"alpha": 0.4, "cutoff_epoch": spec["aux_cutoff"]}},
@@ -151,74 +151,11 @@ def _change_callback(config: dict[str, Any], key: str, value: Any) -> None:
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Fit and test one configuration in this process; return metrics, times, memory and the val P@1 curve."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lightning as L
     import torch
 
+    from benchmarks.probes import SharedFeatureCache, Timing
     from callbacks import MemoryProfiler
     from xmc_dst.cli import cli
-
-    class Timing(L.Callback):
-        """Seconds of each training epoch (its validation pass included), test seconds, val P@1 after each epoch."""
-
-        def __init__(self) -> None:
-            self.epochs: list[float] = []
-            self.curve: list[dict[str, float]] = []
-            self.test_s = 0.0
-            self.test_docs = 0
-
-        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            # the epoch's validation has run and the module has logged its metrics by now (a callback's
-            # on_validation_epoch_end runs before the module's, so it would see the previous epoch's)
-            self.epochs.append(time.perf_counter() - self._start)
-            metrics = trainer.callback_metrics
-            if "val/P@1" in metrics:
-                point = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
-                point.update({k.removeprefix("val/"): float(metrics[k]) for k in ("val/P@1", "val/PSP@1")
-                              if k in metrics})
-                self.curve.append(point)
-
-        def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._test_start = time.perf_counter()
-
-        def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                              batch_idx: int, dataloader_idx: int = 0) -> None:
-            self.test_docs += int(batch["label_offsets"].numel() - 1) if "label_offsets" in batch else 0
-
-        def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self.test_s = time.perf_counter() - self._test_start
-
-    class SharedFeatureCache(L.Callback):
-        """Share a frozen encoder's pooled-vector cache between the grid's runs through a file: the vectors are a
-        pure function of the tokens (exact), and the encoder pass is most of a frozen-encoder run's time. Timings
-        of runs that found the file exclude that pass (the table says which)."""
-
-        def __init__(self, path: Path) -> None:
-            self.path, self.loaded = path, 0
-
-        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            cache = getattr(pl_module.encoder, "cache", None)
-            if cache is not None and self.path.exists():
-                cache.update(torch.load(self.path, weights_only=False))
-                self.loaded = len(cache)
-
-        def _save(self, pl_module: L.LightningModule) -> None:
-            cache = getattr(pl_module.encoder, "cache", None)
-            if cache is not None and len(cache) > self.loaded:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                partial = self.path.with_suffix(".partial")
-                torch.save(dict(cache), partial)
-                partial.replace(self.path)
-                self.loaded = len(cache)
-
-        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._save(pl_module)
-
-        def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self._save(pl_module)
 
     torch.set_num_threads(spec.get("threads", 2))
     config = apply_changes(yaml.safe_load((ROOT / spec["config"]).read_text()), spec["changes"])
@@ -264,7 +201,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "static_mib": (memory.report.get("static_bytes") or 0) / 2**20,
         "head_mib": _part_mib(memory.report.get("parts", {}).get("head")),
         "head_params": head_params,
-        "fan_in": model.hparams.fan_in if model.hparams.head == "sparse" else None,
+        "fan_in": getattr(model.head, "fan_in", None),
         "best_checkpoint": Path(best).name if best else None,
         "shared_feature_cache": bool(shared and shared.loaded),
         "curve": timing.curve,
@@ -281,20 +218,6 @@ def _part_mib(part: dict[str, Any] | None) -> float | None:
 # --------------------------------------------------------------------------------------------------------------
 # The grid driver, tables and plots.
 # --------------------------------------------------------------------------------------------------------------
-
-def run_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="xmc-quality-") as work:
-        spec = {**spec, "workdir": work}
-        out = Path(work) / "result.json"
-        command = [sys.executable, str(Path(__file__).resolve()), "--run-one", json.dumps(spec), "--result", str(out)]
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-        process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-        if process.returncode != 0 or not out.exists():
-            raise RuntimeError(f"run {spec['dataset']}/{spec['variant']}/seed {spec['seed']} failed:\n"
-                               f"{process.stdout[-3000:]}\n{process.stderr[-5000:]}")
-        return json.loads(out.read_text())
-
 
 def run_jobs(jobs: list[dict[str, Any]], parallel: int, runs: list[dict[str, Any]], runs_path: Path,
              command: str) -> None:
@@ -322,9 +245,10 @@ def run_jobs(jobs: list[dict[str, Any]], parallel: int, runs: list[dict[str, Any
         while (job := next_job()) is not None:
             started = time.strftime("%Y-%m-%d %H:%M:%S")
             try:
-                result = run_subprocess(job)
-            except RuntimeError as error:  # reported, and the grid goes on
-                print(error, file=sys.stderr, flush=True)
+                result = run_child(__file__, job)
+            except ChildFailed as error:  # reported, and the grid goes on
+                print(f"run {job['dataset']}/{job['variant']}/seed {job['seed']} failed: {error}", file=sys.stderr,
+                      flush=True)
                 continue
             finally:
                 primed[job["dataset"]].set()
@@ -362,20 +286,18 @@ def main(argv: list[str] | None = None) -> int:
                              "with the first seed)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (e.g. 2 runs of 1 thread)")
-    parser.add_argument("--feature-cache", type=Path, default=Path.home() / ".cache" / "xmc_dst" / "quality",
+    parser.add_argument("--feature-cache", type=Path, default=cache_dir("quality"),
                         help="where frozen-encoder runs share their pooled vectors (exact)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-peers", action="store_true", help="leave the peer systems out of the table")
     parser.add_argument("--rerun-peers", action="store_true",
                         help="run the peers again (default: only for datasets missing from peers.jsonl)")
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.run_one:
-        result = run_one(json.loads(args.run_one))
-        args.result.write_text(json.dumps(result))
+    if args.child:
+        serve_child(args.child, run_one)
         return 0
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import cell, mean_std
+
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 NOTES = (
     "Columns: *head MiB (train)* = the head's parameters, gradients, optimizer state and indices; *peak "
@@ -24,15 +26,6 @@ NOTES = (
     'Peers: *train s* is fitting on ready TF-IDF features, *infer* their top-5 prediction (`peers.md` has'
     ' the details).'
 )
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _cell(mean: float, std: float, runs: int, digits: int = 2) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if runs > 1 else f"{mean:.{digits}f}"
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -81,7 +74,7 @@ def markdown(runs: list[dict[str, Any]], peers: list[dict[str, Any]], header: st
                   "| epochs | s / epoch | train s | infer ms / doc |",
                   "|---|---|" + "---|" * (len(METRICS) + 7)]
         for variant, row in ours:
-            cells = [_cell(*row[m], row["runs"]) if m in row else "-" for m in METRICS]
+            cells = [cell(row[m], row["runs"]) if m in row else "-" for m in METRICS]
             cost = [f"{row['head_params'][0]:,.0f}" if "head_params" in row else "-",
                     f"{row['head_mib'][0]:.1f}" if "head_mib" in row else "-",
                     f"{row['peak_mib'][0]:,.0f}" if "peak_mib" in row else "-",
@@ -92,7 +85,7 @@ def markdown(runs: list[dict[str, Any]], peers: list[dict[str, Any]], header: st
             lines.append(f"| {variant} | {row['runs']} | " + " | ".join(cells + cost) + " |")
         for peer in theirs:
             m = peer.get("metrics", {})
-            cells = [_cell(m[k][0], m[k][1], peer.get("runs", 1)) if k in m else "-" for k in METRICS]
+            cells = [cell(m[k], peer.get("runs", 1)) if k in m else "-" for k in METRICS]
             train = (peer.get("train_s") or [None])[0]
             predict = (peer.get("predict_s") or [None])[0]
             docs = peer.get("test_docs")

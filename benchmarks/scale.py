@@ -6,7 +6,7 @@ encoder fine-tuned end to end, an optional intermediate layer, the label head, t
 project's AdamW, driven by a Lightning ``Trainer.fit`` on synthetic data in the raw-text layout
 (``benchmarks/synthetic.py``: power-law label frequencies, ~5 labels per document, label-dependent texts) read by
 ``datamodules.RawTextXMCDataModule``. Label counts are those of Wiki10-31K, AmazonTitles-131K and Amazon-670K; the
-memory at Amazon-3M's 2.8M labels is the estimate of :func:`xmc_dst.memory.estimate_memory` (no run).
+memory at Amazon-3M's 2.8M labels is the estimate of :func:`xmc_dst.estimate.estimate_memory` (no run).
 
 How: every configuration (label count x head) runs in a fresh Python process, so its peak resident memory is its
 own. The process trains ``--warmup + --steps`` optimizer steps; throughput counts the documents of the last
@@ -27,7 +27,7 @@ the machine this ran on is shared.
 
 Writes ``benchmarks/results/scale_cpu.{jsonl,md}`` and ``scale_memory.png`` (on CUDA ``scale_<gpu>.{jsonl,md}`` and
 ``scale_memory_<gpu>.png``). Synthetic data and its tokenised cache are kept under ``--data-root`` (default
-``~/.cache/xmc_dst/synthetic``) and reused when their settings match.
+``synthetic`` under the cache root of :mod:`xmc_dst.paths`) and reused when their settings match.
 """
 
 from __future__ import annotations
@@ -41,26 +41,26 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xmc_dst.provenance import cpu_model, git_commit
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python benchmarks/scale.py` from a checkout: import benchmarks.*
+
+from benchmarks.common import OFFLINE_ENV, ChildFailed, run_child, serve_child  # noqa: E402 - after the path above
+from xmc_dst.paths import cache_dir  # noqa: E402
+from xmc_dst.provenance import cpu_model, git_commit  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 # Wiki10-31K, AmazonTitles-131K, Amazon-670K; Amazon-3M is estimated only.
 DEFAULT_LABELS = [30_938, 131_073, 670_091]
 ESTIMATE_LABELS = 2_812_281
 VARIANTS = ("dense", "sparse", "sparse-int")
 GB = 1e9
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-
 
 # ---------------------------------------------------------------------------------------------------- machine
 
@@ -81,20 +81,6 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def cpu_times() -> tuple[float, float, float]:
-    """(busy seconds of the whole machine, of this process, steal seconds) from /proc (0s where absent)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        steal = fields[7] if len(fields) > 7 else 0
-        busy = sum(fields[:8]) - idle - steal
-        own = [int(v) for v in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:15]]
-    except (OSError, ValueError, IndexError):
-        return 0.0, 0.0, 0.0
-    return busy / tick, sum(own) / tick, steal / tick  # utime, stime, cutime, cstime of this process
-
-
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
@@ -104,13 +90,13 @@ def slug(name: str) -> str:
 
 def variant_model_args(variant: str, fan_in: int, intermediate_dim: int) -> dict[str, Any]:
     """XMCModule arguments of a head variant."""
+    sparse = {"class_path": "xmc_dst.heads.FixedFanInHead", "init_args": {"fan_in": fan_in}}
     if variant == "dense":
-        return {"head": "dense", "fan_in": fan_in, "intermediate_dim": 0}
+        return {"head": {"class_path": "xmc_dst.heads.DenseHead"}, "intermediate_dim": 0}
     if variant == "sparse":
-        return {"head": "sparse", "fan_in": fan_in, "intermediate_dim": 0}
+        return {"head": sparse, "intermediate_dim": 0}
     if variant == "sparse-int":
-        return {"head": "sparse", "fan_in": fan_in, "intermediate_dim": intermediate_dim,
-                "intermediate_activation": "relu"}
+        return {"head": sparse, "intermediate_dim": intermediate_dim, "intermediate_activation": "relu"}
     raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
 
 
@@ -124,8 +110,8 @@ def dst_args(warmup: int) -> dict[str, Any]:
 
 
 def estimate_gb(num_labels: int, variant: str, args: argparse.Namespace, tokenizer: str) -> dict[str, float]:
-    """Estimated training memory (GB) of one configuration: total and static, from :mod:`xmc_dst.memory`."""
-    from xmc_dst.memory import estimate_memory
+    """Estimated training memory (GB) of one configuration: total and static, from :mod:`xmc_dst.estimate`."""
+    from xmc_dst.estimate import estimate_memory
 
     model = {"encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder", "init_args": dict(ENCODER_ARGS)},
              "num_labels": num_labels, **variant_model_args(variant, args.fan_in, args.intermediate_dim)}
@@ -146,15 +132,14 @@ def estimate_gb(num_labels: int, variant: str, args: argparse.Namespace, tokeniz
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this (fresh) process: build data and model, ``Trainer.fit`` for the steps, measure."""
-    for key, value in ENV.items():
-        os.environ.setdefault(key, value)
     import lightning as L
     import torch
 
+    from benchmarks.probes import StepTimer
     from callbacks import DynamicSparseTraining
     from datamodules import RawTextXMCDataModule
     from xmc_dst.encoders import TransformerEncoder
-    from xmc_dst.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, static_breakdown
+    from xmc_dst.memory import peak_rss_bytes, reset_peak_rss
     from xmc_dst.model import XMCModule
 
     if spec.get("threads"):
@@ -168,42 +153,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                                 cache_dir=spec["cache_dir"])
     encoder = functools.partial(TransformerEncoder, **ENCODER_ARGS)
     model = XMCModule(encoder, num_labels=data.num_labels, tokenizer=data.tokenizer_name, loss="squared_hinge",
-                      loss_reduction="batch_mean", head_impl="auto", seed=0,
+                      loss_reduction="batch_mean", seed=0,
                       **variant_model_args(spec["variant"], spec["fan_in"], spec["intermediate_dim"]))
 
-    class StepTimer(L.Callback):
-        """Wall-clock end of every training batch (after its optimizer step) and the CPU use while timed."""
-
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.docs: list[int] = []
-            self.losses: list[float] = []
-            self.cpu: list[tuple[float, float, float]] = []
-            self.static: dict[str, Any] = {}
-            self.fit_start_rss: int | None = None
-
-        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            self.fit_start_rss = rss_bytes()
-            self.begin = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                               batch_idx: int) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-            self.docs.append(int(batch["input_ids"].shape[0]))
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.losses.append(float(loss))
-            if len(self.ends) in (warmup, warmup + steps):
-                self.cpu.append(cpu_times())
-
-        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self.static = static_breakdown(pl_module, trainer.optimizers)
-
-    timer = StepTimer()
+    timer = StepTimer(warmup, steps, cuda)
     callbacks: list[L.Callback] = [timer]
     dst = DynamicSparseTraining(**dst_args(warmup)) if spec["variant"] != "dense" else None
     if dst is not None:
@@ -212,7 +165,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision=spec["precision"],
                         max_steps=total, max_epochs=1, limit_train_batches=total, limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks, default_root_dir=spec["tmp_dir"])
+                        enable_model_summary=False, callbacks=callbacks, default_root_dir=spec["workdir"])
     setup_peak = peak_rss_bytes()
     fit_peak_reset = reset_peak_rss()
     trainer.fit(model, datamodule=data)
@@ -258,12 +211,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def child_main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    result = run_one(spec)
-    Path(out_path).write_text(json.dumps(result))
-
-
 # ---------------------------------------------------------------------------------------------------- parent
 
 
@@ -300,25 +247,13 @@ def prepare_data(num_labels: int, args: argparse.Namespace, tokenizer: str) -> P
 
 def run_isolated(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one configuration in a fresh interpreter; an error (or a kill, e.g. out of memory) becomes a record."""
-    with tempfile.TemporaryDirectory(prefix="xmc-scale-") as tmp:
-        spec = dict(spec, tmp_dir=tmp)
-        spec_path, out_path, log_path = Path(tmp) / "spec.json", Path(tmp) / "out.json", Path(tmp) / "log.txt"
-        spec_path.write_text(json.dumps(spec))
-        began = time.perf_counter()
-        with open(log_path, "w") as log:
-            try:
-                proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), str(out_path)], cwd=ROOT,
-                                      stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                                      env={**os.environ, **ENV})
-                code: int | str = proc.returncode
-            except subprocess.TimeoutExpired:
-                code = f"timeout after {timeout:.0f} s"
-        wall = time.perf_counter() - began
-        if code == 0 and out_path.is_file():
-            return {**json.loads(out_path.read_text()), "process_wall_s": wall}
-        tail = log_path.read_text(errors="replace")[-1500:]
-        return {"error": f"exit {code}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
-                "log_tail": tail, "process_wall_s": wall}
+    began = time.perf_counter()
+    try:
+        result = run_child(__file__, spec, timeout)
+    except ChildFailed as failed:
+        return {"error": f"{failed.status}: {failed.last_line}", "log_tail": failed.output[-1500:],
+                "process_wall_s": time.perf_counter() - began}
+    return {**result, "process_wall_s": time.perf_counter() - began}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,16 +274,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--docs-per-label", type=float, default=4.0,
                         help="synthetic training documents per label on average (Amazon-670K: 4.0)")
-    parser.add_argument("--data-root", default=str(Path.home() / ".cache" / "xmc_dst" / "synthetic"))
+    parser.add_argument("--data-root", default=str(cache_dir("synthetic")))
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--report-only", action="store_true", help="rewrite the md and png from the jsonl")
     parser.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child_main(*args.child)
+        serve_child(args.child, run_one)
         return
-    for key, value in ENV.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     if args.steps < 1 or args.warmup < 0:
@@ -365,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         write_reports(rows, args.out_dir, tag, regenerated=True)
         return
 
-    from datamodules.resources import default_tokenizer
+    from xmc_dst.paths import default_tokenizer
 
     tokenizer = default_tokenizer()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT),
@@ -471,7 +406,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "process used while timed, an indication (not a measurement) of what an uncontended core would do. "
         "*peak RSS*: the process's VmHWM (interpreter, libraries, tokenised data, model; all of it). *head "
         "params*: parameters of the label head. *head+optimizer*: the head's parameters, gradients, AdamW moments and "
-        "int32 indices, counted from the live tensors. *estimate*: `xmc_dst.memory.estimate_memory` for the whole "
+        "int32 indices, counted from the live tensors. *estimate*: `xmc_dst.estimate.estimate_memory` for the whole "
         "training step (static + activations, no interpreter or data), the number to compare with a device budget."
         + (" *peak CUDA*: `torch.cuda.max_memory_allocated` during fit." if cuda else "")
         + " Peak RSS exceeds the estimate by the interpreter, libraries and data (RSS at fit start minus the model's "

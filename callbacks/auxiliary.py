@@ -9,8 +9,9 @@ Schedule (the authors' ``CosineDecay(alpha, T, eta_min=0)`` stepped after every 
 that produces optimizer step ``t + 1`` uses ``alpha(t) = alpha0 / 2 * (1 + cos(pi * t / T))`` for ``t < T``;
 ``T`` is ``cutoff_step`` or ``cutoff_epoch`` epochs of optimizer steps. At ``t >= T`` the head is removed.
 
-Clusters come from ``cluster_file`` (see :func:`callbacks.clusters.load_cluster_file`) or are built from the
-training data by :mod:`callbacks.clusters` and cached as an int64 ``.npy`` assignment beside the data.
+Clusters come from the module's own cluster file (``XMCModule(aux_cluster_file=...)``, see
+:func:`xmc_dst.clusters.load_cluster_file`; the module reads it) or are built from the training data by
+:mod:`xmc_dst.clusters` and cached as an int64 ``.npy`` assignment beside the data.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from callbacks.clusters import CLUSTER_FIX, balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
+from callbacks.loggers import log_to_loggers
+from xmc_dst.clusters import balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
+from xmc_dst.optim import cosine_decay
+from xmc_dst.paths import SHIPPED_DATA, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,8 @@ class AuxiliaryObjective(L.Callback):
         alpha: initial weight of the auxiliary loss (the paper: 0.4).
         cutoff_epoch: epoch at whose start the head is removed (the authors: 5-15); or
         cutoff_step: optimizer step at which it is removed (exactly one of the two).
-        cluster_file: label clusters (``label_group*.npy`` form, a 2-D array or an assignment).
-        build_clusters: without ``cluster_file``, build clusters from the training data (unless the module was
-            configured with its own ``aux_cluster_file``); False keeps the module's assignment.
+        build_clusters: build clusters from the training data, unless the module reads them from its own
+            ``aux_cluster_file``; False keeps the module's assignment.
         num_clusters: number of clusters to build (default: the auxiliary head's outputs).
         embedding_dim: dimension of the projected label embeddings used for clustering.
         kmeans_iterations: maximum 2-means iterations per tree level.
@@ -77,7 +79,7 @@ class AuxiliaryObjective(L.Callback):
     """
 
     def __init__(self, alpha: float = 0.4, cutoff_epoch: int | None = None, cutoff_step: int | None = None,
-                 cluster_file: str | None = None, build_clusters: bool = True, num_clusters: int | None = None,
+                 build_clusters: bool = True, num_clusters: int | None = None,
                  embedding_dim: int = 128, kmeans_iterations: int = 10, cache_dir: str | None = None,
                  seed: int = 0) -> None:
         super().__init__()
@@ -85,10 +87,8 @@ class AuxiliaryObjective(L.Callback):
             raise ValueError("set exactly one of cutoff_epoch and cutoff_step")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if cluster_file and not Path(cluster_file).expanduser().is_file():  # fail when the config is read
-            raise FileNotFoundError(f"AuxiliaryObjective: cluster_file {cluster_file} does not exist; {CLUSTER_FIX}")
         self.alpha, self.cutoff_epoch, self.cutoff_step = alpha, cutoff_epoch, cutoff_step
-        self.cluster_file, self.build_clusters, self.num_clusters = cluster_file, build_clusters, num_clusters
+        self.build_clusters, self.num_clusters = build_clusters, num_clusters
         self.embedding_dim, self.kmeans_iterations, self.cache_dir, self.seed = (embedding_dim, kmeans_iterations,
                                                                                   cache_dir, seed)
         self.total_steps: int | None = cutoff_step
@@ -107,7 +107,7 @@ class AuxiliaryObjective(L.Callback):
             raise RuntimeError("the cutoff step is known once training starts (or pass cutoff_step)")
         if step >= self.total_steps:
             return 0.0
-        return self.alpha * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))
+        return cosine_decay(self.alpha, 0.0, step, self.total_steps)
 
     # ------------------------------------------------------------------------------------------ hooks
 
@@ -120,14 +120,11 @@ class AuxiliaryObjective(L.Callback):
         if getattr(pl_module, "aux_head", None) is None:
             log.warning("AuxiliaryObjective: the module has no auxiliary head; nothing to schedule")
             return
-        assignment = None
-        if self.cluster_file:
-            assignment = load_cluster_file(self.cluster_file, _num_labels(trainer, pl_module),
-                                           getattr(trainer.datamodule, "label_names", None))
-            self.cluster_source = self.cluster_file
-        elif self.build_clusters and not _module_has_cluster_file(pl_module):
+        module_file = _module_cluster_file(pl_module)
+        if module_file:
+            self.cluster_source = str(module_file)  # the module reads its own file
+        elif self.build_clusters:
             assignment = self._clusters_on_rank_zero(trainer, pl_module)
-        if assignment is not None:
             if not callable(getattr(pl_module, "set_label_clusters", None)):
                 raise TypeError("AuxiliaryObjective needs set_label_clusters() on the module to install clusters")
             pl_module.set_label_clusters(assignment)
@@ -160,7 +157,9 @@ class AuxiliaryObjective(L.Callback):
                 metrics = {"aux/alpha": self.current_alpha}
                 if self._aux_values:
                     metrics["aux/loss"] = sum(self._aux_values) / len(self._aux_values)
-                _log(trainer, metrics, self._step)
+                # at the step whose batch used these values; ``LightningModule.log`` would repeat the last one until
+                # the end of the epoch after the cutoff
+                log_to_loggers(trainer, metrics, self._step)
             self._aux_values = []
 
     def _remove(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -180,25 +179,21 @@ class AuxiliaryObjective(L.Callback):
 
     def cache_directory(self, trainer: L.Trainer) -> Path:
         """``cache_dir``; else the text DataModule's token cache, a writable ``data_dir`` (never the data shipped
-        inside the package: a checkout would collect cache files), or ``~/.cache``."""
+        inside the package: a checkout would collect cache files), or ``label_clusters`` under the cache root
+        (:mod:`xmc_dst.paths`)."""
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        import datamodules
-
-        shipped = Path(datamodules.__file__).resolve().parent
         dm = trainer.datamodule
         for attr in ("cache_path", "data_dir"):
             try:
                 place = getattr(dm, attr, None)
             except Exception:  # noqa: BLE001 - a property that cannot resolve here simply is not a candidate
                 place = None
-            if place is None or shipped in Path(place).resolve().parents:
+            if place is None or Path(place).resolve().is_relative_to(SHIPPED_DATA):
                 continue
             if Path(place).is_dir() and os.access(place, os.W_OK):
                 return Path(place)
-        from datamodules.cache import default_cache_root
-
-        return default_cache_root() / "label_clusters"
+        return cache_dir("label_clusters")
 
     def _cache_file(self, trainer: L.Trainer, num_labels: int, num_clusters: int) -> Path | None:
         dm = trainer.datamodule
@@ -245,14 +240,6 @@ class AuxiliaryObjective(L.Callback):
         return assignment
 
 
-@rank_zero_only
-def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Straight to the loggers, at the step whose training batch used these values (as Lightning labels them):
-    a value logged through ``LightningModule.log`` would be repeated until the end of the epoch after the cutoff."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-
-
 def _num_labels(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
     clusters = getattr(pl_module, "label_clusters", None)
     if isinstance(clusters, Tensor):
@@ -263,9 +250,10 @@ def _num_labels(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
     return int(num)
 
 
-def _module_has_cluster_file(pl_module: L.LightningModule) -> bool:
+def _module_cluster_file(pl_module: L.LightningModule) -> str | None:
+    """The module's own cluster file (its ``aux_cluster_file`` hyperparameter), if any."""
     hparams = getattr(pl_module, "hparams", None)
-    return bool(hparams.get("aux_cluster_file")) if hparams is not None and hasattr(hparams, "get") else False
+    return hparams.get("aux_cluster_file") if hparams is not None and hasattr(hparams, "get") else None
 
 
 def _rewrap_ddp(trainer: L.Trainer) -> None:

@@ -22,18 +22,20 @@ no inf. Loggers get ``trainer.global_step`` as the step of an update, ``history`
   ``eta_min=1e-4`` stepped once per optimizer step). ``fraction`` (RigL): drop the ``round(f(t) * fan_in)`` weakest
   weights per row with ``f(t) = f0 / 2 * (1 + cos(pi * t / T))``. ``t`` counts steps from ``start``, ``T`` is the
   length of the rewiring period.
-* Regrowth, ``random`` (SET, the paper's): the layer's own ``rewire``. ``gradient`` (RigL): the unconnected inputs
-  with the largest ``|dL/dW|`` on the batch of the update step, computed in label blocks from the layer input and
-  output gradient captured by hooks registered only for that step (see :func:`callbacks.regrowth.gradient_candidates`
-  for the cost). New weights start at zero; optimizer state follows the surviving connections and is zeroed at the
-  regrown slots in every optimizer of the trainer.
+* Regrowth, ``random`` (SET, the paper's): the layer's own ``rewire``. ``gradient`` (RigL): the same ``rewire``
+  given :class:`xmc_dst.regrowth.GradientScores` of the update step's batch, so that it grows the unconnected inputs
+  with the largest ``|dL/dW|``, computed in label blocks from the layer input and output gradient captured by hooks
+  registered only for that step (see there for the cost). New weights start at zero; optimizer state follows the
+  surviving connections and is zeroed at the regrown slots in every optimizer of the trainer.
 * DDP: all ranks draw from one random stream (seeded identically, the seed broadcast from rank 0) and the gradient
   variant gathers every rank's activations first, so each rank computes the same topology from identical weights;
   with ``verify_sync`` a checksum of indices and weights is compared across ranks after each update.
 
 The layers are found by duck typing: any submodule with ``rewire``, ``reset_optimizer_state`` and ``indices``
-(see :class:`xmc_dst.sparse.FixedFanInLinear` for the protocol); ``gradient`` also uses ``weight`` [out, k],
-``in_features`` and a forward whose input is ``[..., in_features]``.
+(see :class:`xmc_dst.sparse.FixedFanInLinear` for the protocol: ``rewire(mode, amount, generator, init,
+candidates=None)`` returns a result with ``regrown`` and ``num_pruned`` that ``reset_optimizer_state(optimizer,
+result)`` takes; ``indices`` holds the rows the checksum and the ITOP map read); ``gradient`` also uses
+``in_features``, ``out_features`` and a forward ``[..., in_features] -> [..., out_features]``.
 """
 
 from __future__ import annotations
@@ -46,21 +48,15 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from callbacks.regrowth import GRADIENT_CHUNK_ELEMENTS, EverActive, apply_regrowth, gradient_candidates
-from xmc_dst.sparse import prune_mask
+from callbacks.loggers import log_to_loggers
+from xmc_dst.optim import cosine_decay
+from xmc_dst.regrowth import GRADIENT_CHUNK_ELEMENTS, EverActive, GradientScores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DynamicSparseTraining", "cosine_decay", "find_sparse_layers"]
-
-
-def cosine_decay(initial: float, floor: float, t: int, total: int) -> float:
-    """``floor + (initial - floor) * (1 + cos(pi * t / total)) / 2``, clamped to ``0 <= t <= total``."""
-    t = min(max(t, 0), max(total, 1))
-    return floor + (initial - floor) * 0.5 * (1.0 + math.cos(math.pi * t / max(total, 1)))
+__all__ = ["DynamicSparseTraining", "find_sparse_layers"]
 
 
 def find_sparse_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -130,7 +126,7 @@ class DynamicSparseTraining(L.Callback):
         seed: seed of the regrowth random stream (None: drawn from torch's global generator on rank 0).
         track_itop: keep the bit-packed ever-active map and log the in-time over-parameterisation rate.
         itop_rows: track at most this many rows (a fixed random sample; the rate is then an estimate, see
-            :class:`~callbacks.regrowth.EverActive`); None tracks every row (670K x 768: a 64 MB map).
+            :class:`~xmc_dst.regrowth.EverActive`); None tracks every row (670K x 768: a 64 MB map).
         verify_sync: under DDP, check after every update that all ranks hold the same indices and weights.
     """
 
@@ -204,8 +200,8 @@ class DynamicSparseTraining(L.Callback):
             raise ValueError("DynamicSparseTraining found no layer with rewire/reset_optimizer_state/indices")
         if self.regrow == "gradient":
             for name, layer in self.layers:
-                if not isinstance(getattr(layer, "weight", None), Tensor) or not hasattr(layer, "in_features"):
-                    raise ValueError(f"regrow='gradient' needs `weight` and `in_features` on layer {name!r}")
+                if not (hasattr(layer, "in_features") and hasattr(layer, "out_features")):
+                    raise ValueError(f"regrow='gradient' needs `in_features` and `out_features` on layer {name!r}")
         seed = self.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -305,29 +301,27 @@ class DynamicSparseTraining(L.Callback):
             torch.cuda.synchronize()
         metrics["dst/update_seconds"] = time.perf_counter() - began
         self.history.append({"step": float(step), **metrics})
-        _log(trainer, metrics, trainer.global_step)
+        log_to_loggers(trainer, metrics, trainer.global_step)  # updates are sparse events
         return metrics
 
     def _rewire(self, trainer: L.Trainer, name: str, layer: nn.Module, amount: float):
+        candidates = self._gradient_scores(trainer, name, layer) if self.regrow == "gradient" else None
+        return layer.rewire(self.prune, amount, generator=self.generator, init="zero", candidates=candidates)
+
+    def _gradient_scores(self, trainer: L.Trainer, name: str, layer: nn.Module) -> GradientScores | None:
+        """The update step's gradient scores (every rank's rows under DDP); None without a captured batch."""
         captured = self._captures[name].tensors() if name in self._captures else None
-        if self.regrow == "random" or (captured is None and trainer.world_size == 1):
-            if self.regrow == "gradient":
-                log.warning("DST: no gradient captured for %s at this update; regrowing at random", name)
-            return layer.rewire(self.prune, amount, generator=self.generator, init="zero")
-        in_features = _in_features(layer)
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if captured is None and not distributed:
+            log.warning("DST: no gradient captured for %s at this update; regrowing at random", name)
+            return None
         x, dy = captured if captured is not None else (None, None)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if distributed:
             if x is None:  # keep the collectives matched: a rank without a batch contributes no rows
-                x = layer.weight.new_zeros(0, in_features)
-                dy = layer.weight.new_zeros(0, layer.indices.shape[0])
+                x = layer.weight.new_zeros(0, int(layer.in_features))
+                dy = layer.weight.new_zeros(0, int(layer.out_features))
             x, dy = _all_gather_rows(x), _all_gather_rows(dy)
-        pruned = prune_mask(layer.weight, self.prune, amount, max_per_row=in_features - layer.indices.shape[1])
-        candidates = gradient_candidates(x, dy, layer.indices, pruned.sum(1), self.gradient_chunk_elements)
-        result = apply_regrowth(layer.weight, layer.indices, pruned, candidates)
-        version = getattr(layer, "topology_version", None)
-        if isinstance(version, Tensor):
-            version += 1
-        return result
+        return GradientScores(x, dy, self.gradient_chunk_elements)
 
     def _drop_captures(self) -> None:
         for capture in self._captures.values():
@@ -389,9 +383,3 @@ def _in_features(layer: nn.Module) -> int:
         return int(layer.in_features)
     raise ValueError(f"{type(layer).__name__} has no in_features")
 
-
-@rank_zero_only
-def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Straight to the loggers: updates are sparse events that ``log_every_n_steps`` could skip."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)

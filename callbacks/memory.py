@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.loggers import log_to_loggers
 from xmc_dst.memory import MIB, PartBytes, peak_rss_bytes, reset_peak_rss, rss_bytes, static_breakdown
 
 __all__ = ["MemoryProfiler"]
@@ -107,8 +108,7 @@ class MemoryProfiler(L.Callback):
 
     @rank_zero_only
     def _publish(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_to_loggers(trainer, metrics, trainer.global_step)
         directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / self.filename

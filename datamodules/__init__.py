@@ -9,7 +9,8 @@
   ``label_offsets`` [batch + 1] (CSR positives) and ``doc_index`` [batch], the 0-based line of the document in its
   split's file (validation documents keep their index in the training file).
 - Every module: ``num_labels``, ``label_names``, ``train_label_counts``, ``num_train_docs``, ``propensity_a``,
-  ``propensity_b``, ``propensity()``; text modules: ``tokenizer_name``; BoW: ``num_features``; LF: ``filter_pairs``.
+  ``propensity_b`` (the scores: :func:`xmc_dst.metrics.inverse_propensity`); text modules: ``tokenizer_name``; BoW:
+  ``num_features``; LF: ``filter_pairs``.
 - Bad files raise :class:`DataFormatError` (a ValueError) naming the file and the 1-based line.
 
 Names are imported lazily so that ``import datamodules.formats`` does not pull in Lightning or ``datasets``.
@@ -39,10 +40,6 @@ _EXPORTS = {
     "Debtags": "named",
     "Bibtex": "named",
     "Delicious": "named",
-    "default_tokenizer": "resources",
-    "minilm_dir": "resources",
-    "shipped_dir": "resources",
-    "default_cache_root": "cache",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -51,12 +50,6 @@ def split_indices(num_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
     permutation = np.random.default_rng(seed).permutation(num_docs)
     num_val = int(round(num_docs * val_fraction))
     return np.sort(permutation[num_val:]), np.sort(permutation[:num_val])
-
-
-def jain_propensity(label_counts: torch.Tensor, num_docs: int, a: float, b: float) -> torch.Tensor:
-    """Propensity scores of Jain et al. (2016): ``1 / (1 + C (N_l + B)^-A)``, ``C = (log N - 1) (B + 1)^A``."""
-    c = (math.log(num_docs) - 1.0) * (b + 1.0) ** a
-    return 1.0 / (1.0 + c * torch.exp(-a * torch.log(label_counts.double() + b))).float()
 
 
 def _default_seed() -> int:
@@ -189,7 +182,20 @@ class ResumableDataLoader(DataLoader):
 
 
 class XMCDataModule(L.LightningDataModule):
-    """Base class: subclasses fill ``self._datasets`` (split -> torch Dataset) and provide the label attributes."""
+    """Base class: subclasses fill ``self._datasets`` (split -> torch Dataset) and provide the label attributes.
+
+    The settings every DataModule shares are declared here only; subclasses take them as keyword arguments
+    (``**kwargs``) and pass them on, so a yaml sets them the same way for every class.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        val_fraction: share of training documents carved out (fixed ``seed``) as validation; 0 = none.
+        seed: seed of the validation split.
+        val_on_test: with ``val_fraction=0``, validate on the test split (True) or not at all (False).
+        propensity_a, propensity_b: constants (A, B) of the propensity model of the PS metrics.
+    """
 
     published: PublishedStats | None = None
 
@@ -223,10 +229,6 @@ class XMCDataModule(L.LightningDataModule):
     label_names: list[str]
     train_label_counts: torch.Tensor
     num_train_docs: int
-
-    def propensity(self) -> torch.Tensor:
-        """Per-label propensity scores from the training label counts and (``propensity_a``, ``propensity_b``)."""
-        return jain_propensity(self.train_label_counts, self.num_train_docs, self.propensity_a, self.propensity_b)
 
     def _collate(self, split: str):
         raise NotImplementedError

@@ -10,6 +10,7 @@ header's L, and ``label_names.txt`` / ``feature_names.txt`` (one name per line) 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,28 +49,15 @@ class BoWXMCDataModule(XMCDataModule):
     Args:
         data_dir: folder with the split files (see module docstring).
         train_split / test_split: split names (default: "train"/"test" if present, else "trn"/"tst").
-        batch_size, eval_batch_size, num_workers, val_fraction, seed, val_on_test, propensity_a, propensity_b:
-            as in :class:`datamodules.raw_text.RawTextXMCDataModule`.
+        batch_size: training batch size (larger than text data's: a BoW step is cheap).
+        **kwargs: the shared settings of :class:`~datamodules.base.XMCDataModule`.
     """
 
     source_hint: str = f"Sparse-format datasets are published in {XC_REPOSITORY}."
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        train_split: str | None = None,
-        test_split: str | None = None,
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.0,
-        seed: int = 42,
-        val_on_test: bool = True,
-        propensity_a: float = 0.55,
-        propensity_b: float = 1.5,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, val_fraction, seed, val_on_test, propensity_a,
-                         propensity_b)
+    def __init__(self, data_dir: str | Path, train_split: str | None = None, test_split: str | None = None,
+                 batch_size: int = 256, **kwargs: Any) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
         self.data_dir = Path(data_dir).expanduser()
         self.files = {
             "train": self._find(train_split, ("train", "trn")),

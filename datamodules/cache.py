@@ -1,8 +1,9 @@
 """On-disk cache of tokenised splits: where it lives, how it is keyed, and how it is written atomically.
 
-A cache directory is ``<root>/<dataset>/<fingerprint>``. The fingerprint hashes everything the cached content depends
-on (source files by path, size and mtime; the tokenizer by the content of its serialised form; max_length; the
-cache format version), so a change to any of them selects a new directory and the old one is simply not used.
+A cache directory is ``<root>/<dataset>/<fingerprint>`` (default root: :func:`xmc_dst.paths.cache_root`). The
+fingerprint hashes everything the cached content depends on (source files by path, size and mtime; the tokenizer by
+the content of its serialised form; max_length; the cache format version), so a change to any of them selects a new
+directory and the old one is simply not used.
 
 A directory is built under a temporary name beside its final place and moved there with ``os.replace`` only once
 complete: after a crash there is either a whole cache or none (plus a ``.tmp-*`` folder that the next build of
@@ -23,16 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
-
-CACHE_ENV = "XMC_DST_CACHE"
-
-
-def default_cache_root() -> Path:
-    """``$XMC_DST_CACHE``, else ``$XDG_CACHE_HOME/xmc_dst``, else ``~/.cache/xmc_dst``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "xmc_dst"
 
 
 def file_signature(path: Path) -> dict[str, Any]:

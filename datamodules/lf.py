@@ -52,39 +52,25 @@ def lf_docs(json_path: str, num_labels: int, use_content: bool, stats_path: str)
 class LFXMCDataModule(TokenizedTextDataModule):
     """XMC DataModule over the LF layout; ``filter_pairs`` (LongTensor [n, 2]) feeds the metrics' filtering.
 
-    Args: as :class:`datamodules.raw_text.RawTextXMCDataModule` (without ``text_variant``), plus ``use_content``
-    (append the content to the title) and ``filter_file`` (name of the reciprocal-pair file in ``data_dir``; when
-    it is absent ``filter_pairs`` is empty).
+    Args:
+        data_dir: folder with the LF files (see module docstring).
+        max_length: tokens per title (or title and content).
+        use_content: append the content to the title.
+        filter_file: name of the reciprocal-pair file in ``data_dir``; when it is absent ``filter_pairs`` is empty.
+        **kwargs: ``tokenizer``, ``cache_dir``, ... of :class:`~datamodules.text.TokenizedTextDataModule` and the
+            shared settings of :class:`~datamodules.base.XMCDataModule`.
     """
 
     source_hint: str = f"LF datasets are published in {XC_REPOSITORY}."
     default_name: str | None = None
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        tokenizer: str | None = None,
-        max_length: int = 32,
-        use_content: bool = False,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.0,
-        seed: int = 42,
-        cache_dir: str | Path | None = None,
-        num_proc: int = 1,
-        val_on_test: bool = True,
-        predict_file: str | Path | None = None,
-        filter_file: str = "filter_labels_test.txt",
-        propensity_a: float = 0.55,
-        propensity_b: float = 1.5,
-    ) -> None:
+    def __init__(self, data_dir: str | Path, max_length: int = 32, use_content: bool = False,
+                 filter_file: str = "filter_labels_test.txt", **kwargs: Any) -> None:
         self.data_dir = Path(data_dir).expanduser()
         self.use_content = use_content
         self.files = self._resolve_files()
         self.filter_file = resolve(self.data_dir / filter_file)
-        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, val_fraction, seed,
-                         val_on_test, cache_dir, num_proc, predict_file, propensity_a, propensity_b)
+        super().__init__(max_length=max_length, **kwargs)
         self._filter_pairs: torch.Tensor | None = None
 
     @property

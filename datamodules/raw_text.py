@@ -65,48 +65,22 @@ class RawTextXMCDataModule(TokenizedTextDataModule):
 
     Args:
         data_dir: folder with the four files (see module docstring).
-        tokenizer: directory or hub name of a Hugging Face fast tokenizer (default: the shipped MiniLM).
-        max_length: tokens per document, special tokens included (longer documents are truncated).
-        batch_size / eval_batch_size: training and evaluation batch sizes (eval defaults to batch_size).
-        num_workers: DataLoader worker processes.
-        val_fraction: fraction of training documents carved out (fixed ``seed``) as validation; 0 = none.
-        seed: seed of the validation split.
         text_variant: "raw" reads ``*_raw_texts.txt``, "plain" ``*_texts.txt``, "auto" raw where both exist.
-        cache_dir: cache root (default ``~/.cache/xmc_dst``); the cache is ``<root>/<dataset>/<fingerprint>``.
-        num_proc: processes for tokenisation.
-        val_on_test: with ``val_fraction=0``, validate on the test split (True) or not at all (False).
-        predict_file: a text file (one document per line) for ``predict``; default: the test split.
-        propensity_a / propensity_b: constants (A, B) of the propensity model.
+        **kwargs: ``tokenizer``, ``max_length``, ``cache_dir``, ... of
+            :class:`~datamodules.text.TokenizedTextDataModule` and the shared settings of
+            :class:`~datamodules.base.XMCDataModule`.
     """
 
     source_hint: str = f"Datasets in this layout are published in {XC_REPOSITORY} (raw texts as in AttentionXML)."
     default_name: str | None = None
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        tokenizer: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.0,
-        seed: int = 42,
-        text_variant: str = "auto",
-        cache_dir: str | Path | None = None,
-        num_proc: int = 1,
-        val_on_test: bool = True,
-        predict_file: str | Path | None = None,
-        propensity_a: float = 0.55,
-        propensity_b: float = 1.5,
-    ) -> None:
+    def __init__(self, data_dir: str | Path, text_variant: str = "auto", **kwargs: Any) -> None:
         if text_variant not in TEXT_VARIANTS:
             raise ValueError(f"text_variant must be one of {TEXT_VARIANTS}, got {text_variant!r}")
         self.data_dir = Path(data_dir).expanduser()
         self.text_variant = text_variant
         self.files = self._resolve_files()  # fail fast, before anything is loaded
-        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, val_fraction, seed,
-                         val_on_test, cache_dir, num_proc, predict_file, propensity_a, propensity_b)
+        super().__init__(**kwargs)
 
     @property
     def dataset_name(self) -> str:

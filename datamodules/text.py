@@ -26,18 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from xmc_dst.paths import cache_root, default_tokenizer
+
 from .base import XMCDataModule, split_indices
-from .cache import (
-    atomic_directory,
-    build_lock,
-    default_cache_root,
-    file_signature,
-    fingerprint,
-    tokenizer_signature,
-)
+from .cache import atomic_directory, build_lock, file_signature, fingerprint, tokenizer_signature
 from .collate import ArrowRows, TextCollate
 from .formats import DataFormatError, iter_lines
-from .resources import default_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -129,29 +123,23 @@ class TokenizedTextDataModule(XMCDataModule):
     Attributes available right after ``__init__`` (computed lazily from the cache or a pass over the training
     labels): ``num_labels``, ``label_names``, ``num_train_docs``. ``train_label_counts`` is the label frequency over
     the training documents actually used (validation documents excluded) and may trigger the cache build.
+
+    Args:
+        tokenizer: directory or hub name of a Hugging Face fast tokenizer (default: the shipped MiniLM).
+        max_length: tokens per document, special tokens included (longer documents are truncated).
+        cache_dir: cache root (default: :func:`xmc_dst.paths.cache_root`); the cache is
+            ``<root>/<dataset>/<fingerprint>``.
+        num_proc: processes for tokenisation.
+        predict_file: a text file (one document per line) for ``predict``; default: the test split.
+        **kwargs: the shared settings of :class:`~datamodules.base.XMCDataModule`.
     """
 
-    def __init__(
-        self,
-        tokenizer: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.0,
-        seed: int = 42,
-        val_on_test: bool = True,
-        cache_dir: str | Path | None = None,
-        num_proc: int = 1,
-        predict_file: str | Path | None = None,
-        propensity_a: float = 0.55,
-        propensity_b: float = 1.5,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, val_fraction, seed, val_on_test, propensity_a,
-                         propensity_b)
+    def __init__(self, tokenizer: str | None = None, max_length: int = 128, cache_dir: str | Path | None = None,
+                 num_proc: int = 1, predict_file: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.tokenizer_name = str(tokenizer) if tokenizer is not None else default_tokenizer()
         self.max_length = int(max_length)
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
         self.num_proc = max(1, int(num_proc))
         self.predict_file = Path(predict_file) if predict_file is not None else None
         self._tokenizer: Any = None

@@ -81,3 +81,36 @@ def write_topic_dataset(directory: Path, train: int = 48, test: int = 16, seed: 
         (directory / f"{split}_texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
         (directory / f"{split}_labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
     return directory
+
+
+# Planted topics for label clustering and the auxiliary objective: each document is about one of GROUPS topics.
+GROUPS, LABELS_PER_GROUP, FEATURES_PER_GROUP = 4, 8, 10
+OUT, VOCAB = GROUPS * LABELS_PER_GROUP, GROUPS * FEATURES_PER_GROUP
+
+
+def planted_batches(num_docs: int = 96, batch_size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Documents about one of GROUPS topics: 3 labels and 5 features of that topic, 1 random feature."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(num_docs):
+        topic = int(torch.randint(GROUPS, (1,), generator=g))
+        labels = topic * LABELS_PER_GROUP + torch.randperm(LABELS_PER_GROUP, generator=g)[:3]
+        features = topic * FEATURES_PER_GROUP + torch.randperm(FEATURES_PER_GROUP, generator=g)[:5]
+        features = torch.unique(torch.cat([features, torch.randint(VOCAB, (1,), generator=g)]))
+        docs.append((features, labels.sort().values))
+    batches = []
+    for start in range(0, num_docs, batch_size):
+        chunk = docs[start:start + batch_size]
+        x = torch.zeros(len(chunk), VOCAB)
+        y = torch.zeros(len(chunk), OUT)
+        for i, (f, lab) in enumerate(chunk):
+            x[i, f], y[i, lab] = 1.0, 1.0
+        batches.append({
+            "x": x, "y": y,
+            "feature_ids": torch.cat([f for f, _ in chunk]),
+            "feature_values": torch.ones(sum(len(f) for f, _ in chunk)),
+            "feature_offsets": torch.tensor([0] + [len(f) for f, _ in chunk]).cumsum(0),
+            "label_ids": torch.cat([lab for _, lab in chunk]),
+            "label_offsets": torch.tensor([0] + [len(lab) for _, lab in chunk]).cumsum(0),
+        })
+    return batches

@@ -10,7 +10,6 @@ one.
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import lightning as L
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.clusters import ClusterFileError
 from datamodules import BoWXMCDataModule, LFXMCDataModule, RawTextXMCDataModule
 from xmc_dst.cli import cli, main
+from xmc_dst.clusters import ClusterFileError
 from xmc_dst.model import XMCModule
 
 TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db"}
@@ -79,7 +78,8 @@ def args(data_dir: Path, encoder: Path, tmp: Path, cache: Path, *extra: str) -> 
             "--data", "datamodules.RawTextXMCDataModule", "--data.data_dir", str(data_dir),
             "--data.tokenizer", str(encoder), "--data.max_length", "8", "--data.batch_size", "8",
             "--data.cache_dir", str(cache),
-            "--model.encoder", "xmc_dst.encoders.TransformerEncoder", "--model.fan_in", "8",
+            "--model.encoder", "xmc_dst.encoders.TransformerEncoder",
+            "--model.head", "xmc_dst.heads.FixedFanInHead", "--model.head.fan_in", "8",
             "--model.intermediate_dim", "16", "--model.warmup_steps", "0",
             "--trainer.accelerator", "cpu", "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
@@ -141,18 +141,17 @@ def test_xmc_dst_prints_the_data_modules_own_message_not_the_union_wrapper(raw, 
 
 def test_xmc_dst_prints_a_callbacks_own_message_and_keeps_tracebacks_of_bugs(raw, tiny_encoder_dir, tmp_path,
                                                                              cache, steps, capsys, monkeypatch):
-    """A callback's ``__init__`` error (AuxiliaryObjective's missing cluster file) is unwrapped the same way; an
+    """A callback's ``__init__`` error (AuxiliaryObjective's out-of-range alpha) is unwrapped the same way; an
     error that is not a bad value or file (a KeyError), or not raised by the project's code (a ValueError from this
     test's training_step), still propagates with its traceback."""
     config = tmp_path / "aux.yaml"
-    missing = tmp_path / "nowhere.npy"
     config.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.AuxiliaryObjective\n      init_args: "
-                      f"{{cutoff_step: 1, cluster_file: '{missing}'}}\n")
+                      "{cutoff_step: 1, alpha: 1.5}\n")
     options = args(raw, tiny_encoder_dir, tmp_path, cache, "--model.aux_clusters", "2", "--config", str(config))
     assert main(options) == 2
     err = capsys.readouterr().err
     line = err[err.index("xmc-dst: error:"):].splitlines()[0]
-    assert re.search(rf"cluster_file .*{re.escape(str(missing))} does not exist; rebuild the file", line)
+    assert line == "xmc-dst: error: alpha must be in [0, 1], got 1.5"
     assert steps == []
 
     for bug in (KeyError("a bug, not a configuration error"), ValueError("a bug outside the project's code")):
@@ -186,14 +185,14 @@ def test_every_layout_names_the_folder_and_its_files(cls, expected, tmp_path):
 
 
 @pytest.mark.parametrize(("options", "message", "fixed"), [
-    (["--model.fan_in", "24"],
-     r"model\.fan_in=24 is larger than the 16 inputs of the sparse head \(intermediate_dim=16\): set model\.fan_in "
-     r"<= 16, or raise model\.intermediate_dim to at least 24", ["--model.fan_in", "24", "--model.intermediate_dim",
-                                                                 "24"]),
-    (["--model.fan_in", "40", "--model.intermediate_dim", "0"],  # the tiny encoder is 32 wide
-     r"model\.fan_in=40 is larger than the 32 inputs of the sparse head \(the encoder's output width\): set "
-     r"model\.fan_in <= 32, or add an intermediate layer with model\.intermediate_dim >= 40",
-     ["--model.fan_in", "32", "--model.intermediate_dim", "0"]),
+    (["--model.head.fan_in", "24"],
+     r"model\.head fan_in=24 is larger than the 16 inputs of the head \(intermediate_dim=16\): set "
+     r"model\.head\.init_args\.fan_in <= 16, or raise model\.intermediate_dim to at least 24",
+     ["--model.head.fan_in", "24", "--model.intermediate_dim", "24"]),
+    (["--model.head.fan_in", "40", "--model.intermediate_dim", "0"],  # the tiny encoder is 32 wide
+     r"model\.head fan_in=40 is larger than the 32 inputs of the head \(the encoder's output width\): set "
+     r"model\.head\.init_args\.fan_in <= 32, or add an intermediate layer with model\.intermediate_dim >= 40",
+     ["--model.head.fan_in", "32", "--model.intermediate_dim", "0"]),
 ])
 def test_fan_in_above_the_head_input_width_fails_with_both_fixes(raw, tiny_encoder_dir, tmp_path, cache, steps,
                                                                  options, message, fixed):
@@ -205,7 +204,8 @@ def test_fan_in_above_the_head_input_width_fails_with_both_fixes(raw, tiny_encod
 
 
 def test_dense_head_ignores_fan_in(raw, tiny_encoder_dir, tmp_path, cache, steps):
-    cli(args(raw, tiny_encoder_dir, tmp_path, cache, "--model.fan_in", "1000", "--model.head", "dense"))
+    cli(args(raw, tiny_encoder_dir, tmp_path, cache, "--model.head.fan_in", "1000", "--model.head",
+             "xmc_dst.heads.DenseHead"))
     assert steps == [0]
 
 
@@ -255,30 +255,6 @@ def test_cluster_file_missing_a_training_label_fails_in_setup_before_any_step(ra
                                                  for name in run.datamodule.label_names]
 
 
-def test_auxiliary_objective_checks_its_cluster_file(raw, tiny_encoder_dir, tmp_path, cache, steps):
-    """The callback's own ``cluster_file``: absent fails when the config is read, a foreign one in setup."""
-    config = tmp_path / "aux.yaml"
-
-    def with_callback(cluster_file: Path) -> list[str]:
-        config.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.AuxiliaryObjective\n      init_args: "
-                          f"{{cutoff_step: 1, cluster_file: '{cluster_file}'}}\n")
-        return args(raw, tiny_encoder_dir, tmp_path, cache, "--model.aux_clusters", "2", "--config", str(config))
-
-    with pytest.raises(ValueError) as info:  # a callback's __init__ error, wrapped by jsonargparse (see cause)
-        cli(with_callback(tmp_path / "nowhere.npy"))
-    assert re.search(r"cluster_file .*nowhere\.npy does not exist; rebuild the file",
-                     str(cause(info.value, FileNotFoundError)))
-    out_of_range = tmp_path / "rows.npy"
-    np.save(out_of_range, np.array([[0, 1], [2, 7]]))  # label 7 of 4
-    with pytest.raises(ClusterFileError, match=r"cluster 1 names label ids outside \[0, 4\) \(the data has 4 "
-                                               r"labels\): 7; rebuild"):
-        cli(with_callback(out_of_range))
-    assert steps == []
-    np.save(out_of_range, np.array([[0, 1], [2, 3]]))
-    cli(with_callback(out_of_range))
-    assert steps == [0]
-
-
 # ---------------------------------------------------------------------------------------------- (d) label count
 
 
@@ -287,6 +263,7 @@ def test_model_built_for_another_label_count_than_the_data_fails_in_setup(tmp_pa
     import functools
 
     from xmc_dst.encoders import BagOfWordsEncoder
+    from xmc_dst.heads import FixedFanInHead
 
     class Data(L.LightningDataModule):
         label_names = [f"l{i}" for i in range(7)]
@@ -298,7 +275,7 @@ def test_model_built_for_another_label_count_than_the_data_fails_in_setup(tmp_pa
             return [batch]
 
     model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=4, hidden_dim=0), num_labels=5,
-                      num_features=3, fan_in=2)
+                      num_features=3, head=functools.partial(FixedFanInHead, fan_in=2))
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"the data \(Data\) has 7 labels, the model was built for 5: build the "

@@ -12,7 +12,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # kills real processes: run by .ci/run, not in the fast tier
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from datamodules.formats import (
     read_xc_single,
     read_xc_split,
 )
-from datamodules.resources import shipped_dir
+from xmc_dst.paths import shipped_dir
 
 SINGLE = "4 6 5\n0,3 0:1 2:0.5\n 1:2 5:0.25\n4\n1,2,0 3:1.5\n"
 # Expected CSR of SINGLE, written out by hand.

@@ -18,7 +18,6 @@ from xmc_dst.metrics import (
     precision_at_k,
     psndcg_at_k,
     psp_at_k,
-    read_filter_pairs,
     xmc_metrics,
 )
 
@@ -282,14 +281,6 @@ def test_metric_accumulates_over_batches(seed: int) -> None:
     assert_close_dict(metric.compute(), ref)
 
 
-def test_metric_states_are_sums() -> None:
-    metric = XMCMetrics(ks=(1, 5), inv_propensity=torch.ones(3))
-    assert metric._reductions
-    assert all(getattr(fx, "__name__", "") == "dim_zero_sum" for fx in metric._reductions.values())
-    for name, default in metric._defaults.items():
-        assert default.dtype == torch.float64, name
-
-
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")  # merge_state leaves the update counter at 0
 def test_merge_state_like_ddp() -> None:
     y, topk, w, batches = _batches(5, n_batches=4)
@@ -388,12 +379,3 @@ def test_filter_with_no_pairs_is_identity() -> None:
     scores = torch.tensor([[0.9, 0.5, 0.1]])
     s, i = filter_reciprocal(scores, ids, torch.tensor([0]), torch.zeros(0, 2, dtype=torch.long))
     assert torch.equal(s, scores) and torch.equal(i, ids)
-
-
-def test_read_filter_pairs(tmp_path) -> None:
-    path = tmp_path / "filter_labels_test.txt"
-    path.write_text("0 5\n3 7\n\n12 0\n")
-    assert read_filter_pairs(path).tolist() == [[0, 5], [3, 7], [12, 0]]
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    assert read_filter_pairs(empty).shape == (0, 2)

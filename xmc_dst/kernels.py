@@ -19,14 +19,15 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from xmc_dst import paths
+
 SOURCE = Path(__file__).with_name("csrc") / "fixed_fan_in.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def cache_dir() -> Path:
-    """Where built kernels live: ``$XMC_DST_CACHE/kernels`` or ``~/.cache/xmc_dst/kernels``."""
-    root = os.environ.get("XMC_DST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "xmc_dst")
-    return Path(root) / "kernels"
+    """Where built kernels live: ``kernels`` under the project's cache root (:mod:`xmc_dst.paths`)."""
+    return paths.cache_dir("kernels")
 
 
 def _cpu_signature() -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -39,7 +38,6 @@ __all__ = [
     "precision_at_k",
     "psndcg_at_k",
     "psp_at_k",
-    "read_filter_pairs",
     "xmc_metrics",
 ]
 
@@ -281,9 +279,3 @@ def mask_reciprocal_logits(logits: Tensor, doc_indices: Tensor, filter_pairs: Te
     out = logits.clone()
     out[rows, pair_labels[pair_idx]] = float("-inf")
     return out
-
-
-def read_filter_pairs(path: str | Path) -> Tensor:
-    """Read ``filter_labels_test.txt`` (one ``doc_index label_id`` pair per line) into a LongTensor [P, 2]."""
-    rows = [line.split() for line in Path(path).read_text().splitlines() if line.strip()]
-    return torch.tensor([[int(a), int(b)] for a, b, *_ in rows], dtype=torch.long).reshape(-1, 2)

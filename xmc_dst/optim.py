@@ -28,7 +28,8 @@ Schedule = Literal["cosine", "linear", "constant"]
 ALGORITHMS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
-__all__ = ["GroupwiseOptimizer", "drop_parameters", "schedule_lambda", "split_no_decay", "NO_DECAY_KEYS"]
+__all__ = ["GroupwiseOptimizer", "cosine_decay", "drop_parameters", "schedule_lambda", "split_no_decay",
+           "NO_DECAY_KEYS"]
 
 # Parameter names that get no weight decay (the authors': bias, LayerNorm.weight, LayerNorm.bias); any parameter
 # with fewer than two dimensions is exempt too, which covers other spellings of norm layers.
@@ -141,11 +142,21 @@ def schedule_lambda(schedule: Schedule, warmup_steps: int, total_steps: int,
             return float(step + 1) / float(warmup_steps + 1)
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-        return min_ratio + (1.0 - min_ratio) * decay
+        t, length = step - warmup_steps, max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return cosine_decay(1.0, min_ratio, t, length)
+        return min_ratio + (1.0 - min_ratio) * (1.0 - min(1.0, t / length))
 
     return factor
+
+
+def cosine_decay(initial: float, floor: float, t: float, total: float) -> float:
+    """The half cosine from ``initial`` at ``t = 0`` to ``floor`` at ``t = total`` (``t`` clamped to that range):
+    ``floor + (initial - floor) * (1 + cos(pi * t / total)) / 2``. The one formula behind the cosine learning-rate
+    schedule, the DST threshold and drop-fraction schedules and the auxiliary loss weight."""
+    total = max(total, 1)
+    progress = min(max(t, 0), total) / total
+    return floor + (initial - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def split_no_decay(named_params: Iterable[tuple[str, Tensor]],

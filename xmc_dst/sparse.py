@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -147,17 +147,22 @@ def _transposed_product(tr: _Transposed, weight: Tensor, grad_t: Tensor, in_feat
     return acc
 
 
+def _output_of_transposed(ctx, out_t: Tensor, bias: Tensor | None, transposed: _Transposed, *saved: Tensor) -> Tensor:
+    """The ``[batch, out]`` output of a ``[out, batch]`` product, bias added; keeps what backward needs."""
+    if bias is not None:
+        out_t += bias[:, None]
+    ctx.save_for_backward(*saved)
+    ctx.transposed, ctx.has_bias = transposed, bias is not None
+    return out_t.t()
+
+
 class _CSRFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # noqa: D102
                 transposed: _Transposed) -> Tensor:
         in_features = x.shape[1]
         out_t = torch.sparse.mm(_csr(indices, weight, in_features), x.t().contiguous())  # [out, batch]
-        if bias is not None:
-            out_t += bias[:, None]
-        ctx.save_for_backward(x, weight, indices)
-        ctx.transposed, ctx.has_bias = transposed, bias is not None
-        return out_t.t()
+        return _output_of_transposed(ctx, out_t, bias, transposed, x, weight, indices)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
@@ -180,11 +185,7 @@ class _EmbeddingBagFunction(torch.autograd.Function):
                 transposed: _Transposed) -> Tensor:
         xt = x.t().contiguous()
         out_t = nn.functional.embedding_bag(indices, xt, per_sample_weights=weight, mode="sum")  # [out, batch]
-        if bias is not None:
-            out_t += bias[:, None]
-        ctx.save_for_backward(xt, weight, indices)
-        ctx.transposed, ctx.has_bias = transposed, bias is not None
-        return out_t.t()
+        return _output_of_transposed(ctx, out_t, bias, transposed, xt, weight, indices)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
@@ -228,6 +229,14 @@ class RewireResult:
     def regrown_fraction(self) -> float:
         """Share of all slots that were regrown."""
         return self.num_pruned / max(1, self.regrown.numel())
+
+
+class RegrowthCandidates(Protocol):
+    """Chosen regrowth inputs for :meth:`FixedFanInLinear.rewire` (e.g. :class:`xmc_dst.regrowth.GradientScores`)."""
+
+    def best_unconnected(self, indices: Tensor, counts: Tensor) -> Tensor:
+        """Per row of ``indices`` [rows, k], ``max(counts)`` distinct inputs absent from the row, best first."""
+        ...
 
 
 class FixedFanInLinear(nn.Module):
@@ -330,8 +339,10 @@ class FixedFanInLinear(nn.Module):
 
     @torch.no_grad()
     def rewire(self, mode: Literal["threshold", "fraction"], amount: float, generator: torch.Generator | None = None,
-               init: Literal["zero", "uniform"] = "zero") -> RewireResult:
-        """Prune weak connections per row by magnitude and regrow as many at random inputs (SET).
+               init: Literal["zero", "uniform"] = "zero",
+               candidates: RegrowthCandidates | None = None) -> RewireResult:
+        """Prune weak connections per row by magnitude and regrow as many, at random inputs (SET) or at the best
+        ``candidates`` (RigL).
 
         Args:
             mode: ``threshold`` drops every weight with ``|w| < amount``; ``fraction`` drops the
@@ -339,6 +350,8 @@ class FixedFanInLinear(nn.Module):
             amount: the threshold or the fraction.
             generator: random source of the regrown inputs (deterministic for a given generator state).
             init: value of the regrown weights: ``zero`` or ``uniform`` in ``+-1/sqrt(fan_in)``.
+            candidates: regrowth scores of this step (:class:`xmc_dst.regrowth.GradientScores`); each row then takes
+                its best inputs among those it was not connected to, instead of random ones.
 
         New inputs are drawn uniformly among the inputs the row was not connected to before this call, so a rewire
         always changes the topology where it prunes. A row can regrow at most ``in_features - fan_in`` connections;
@@ -347,8 +360,12 @@ class FixedFanInLinear(nn.Module):
         if init not in ("zero", "uniform"):
             raise ValueError(f"init must be 'zero' or 'uniform', got {init!r}")
         prune = prune_mask(self.weight, mode, amount, max_per_row=self.in_features - self.fan_in)
-        sorted_idx, permutation = regrow(self.indices, prune, self.in_features, generator)
-        result = commit_topology(self.weight, self.indices, prune, sorted_idx, permutation)
+        if candidates is None:
+            sorted_idx, permutation = regrow(self.indices, prune, self.in_features, generator)
+            result = commit_topology(self.weight, self.indices, prune, sorted_idx, permutation)
+        else:
+            chosen = candidates.best_unconnected(self.indices, prune.sum(1))
+            result = apply_regrowth(self.weight, self.indices, prune, chosen)
         if init == "uniform":
             fresh = _uniform(self.weight.shape, 1.0 / math.sqrt(self.fan_in), generator, self.weight)
             self.weight.copy_(torch.where(result.regrown, fresh, self.weight))
@@ -485,6 +502,22 @@ def commit_topology(weight: Tensor, indices: Tensor, pruned: Tensor, sorted_indi
     weight.copy_(weight.gather(1, permutation).masked_fill_(regrown, 0.0))
     indices.copy_(sorted_indices.to(indices.dtype))
     return RewireResult(regrown=regrown, permutation=permutation, num_pruned=int(pruned.sum()))
+
+
+@torch.no_grad()
+def apply_regrowth(weight: Tensor, indices: Tensor, pruned: Tensor, candidates: Tensor) -> RewireResult:
+    """Replace the ``pruned`` slots of each row by the row's first candidates, zero their weights, re-sort rows.
+
+    ``candidates[r, :n_r]`` (``n_r`` = pruned slots of row ``r``) must be distinct and absent from the row. The
+    pruned slots of a row, left to right, take candidates 0, 1, ...; then each row is sorted and the weights follow.
+    ``weight`` and ``indices`` are updated in place.
+    """
+    rank = pruned.long().cumsum(1) - 1  # position of each pruned slot among its row's pruned slots
+    chosen = candidates.gather(1, rank.clamp(min=0, max=max(0, candidates.shape[1] - 1))) \
+        if candidates.shape[1] else torch.zeros_like(rank)
+    merged = torch.where(pruned, chosen, indices.long())
+    sorted_idx, permutation = merged.sort(dim=1)
+    return commit_topology(weight, indices, pruned, sorted_idx, permutation)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, result: RewireResult) -> int:

@@ -46,9 +46,8 @@ class ClusterNamesNeeded(ClusterFileError, LookupError):
     """The file lists label names, and the data's label names were not given (resolve it once they are known)."""
 
 
-CLUSTER_FIX = ("rebuild the file for this data's label set, or drop the file (model.aux_cluster_file: null, "
-               "AuxiliaryObjective cluster_file: null) and let AuxiliaryObjective build clusters from the training "
-               "data (build_clusters: true)")
+CLUSTER_FIX = ("rebuild the file for this data's label set, or drop the file (model.aux_cluster_file: null) and let "
+               "AuxiliaryObjective build clusters from the training data (build_clusters: true)")
 
 
 def _first(ids: np.ndarray, names: Sequence[str] | None, limit: int = 5) -> str:
