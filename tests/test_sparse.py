@@ -8,11 +8,21 @@ import pytest
 import torch
 
 from xmc_dst.kernels import load_kernels
-from xmc_dst.sparse import IMPLS, FixedFanInLinear, prune_mask, random_indices, regrow, reset_optimizer_state
+from xmc_dst.sparse import (
+    IMPLS,
+    FixedFanInLinear,
+    prune_mask,
+    random_indices,
+    regrow,
+    reset_optimizer_state,
+    triton_problem,
+)
 
 HAVE_KERNELS = load_kernels() is not None
-impls = [pytest.param(i, marks=pytest.mark.skipif(i == "kernel" and not HAVE_KERNELS, reason="no C compiler"))
-         for i in IMPLS]
+TRITON_PROBLEM = triton_problem(torch.device("cpu"))
+SKIPS = {"kernel": pytest.mark.skipif(not HAVE_KERNELS, reason="no C compiler"),
+         "triton": pytest.mark.skipif(TRITON_PROBLEM is not None, reason=str(TRITON_PROBLEM))}
+impls = [pytest.param(i, marks=SKIPS.get(i, ())) for i in IMPLS]
 regrow_paths = [pytest.param(True, marks=pytest.mark.skipif(not HAVE_KERNELS, reason="no C compiler"), id="kernel"),
                 pytest.param(False, id="torch")]
 

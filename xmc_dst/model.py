@@ -106,7 +106,7 @@ class XMCModule(L.LightningModule):
         head: ``sparse`` (fixed fan-in) or ``dense`` (``nn.Linear``, the baseline).
         fan_in: inputs per label of the sparse head, at most its input width (``intermediate_dim``, else the
             encoder's output width); a larger value fails at construction.
-        head_impl: implementation of the sparse head (``auto``, ``kernel``, ``csr``, ``embedding_bag``).
+        head_impl: implementation of the sparse head (``auto``, ``kernel``, ``csr``, ``embedding_bag``, ``triton``).
         intermediate_dim: width of a dense layer between the encoder and the head (0: none).
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
@@ -140,7 +140,7 @@ class XMCModule(L.LightningModule):
         pretrained_weights: bool = True,
         head: Literal["sparse", "dense"] = "sparse",
         fan_in: int = 64,
-        head_impl: Literal["auto", "kernel", "csr", "embedding_bag"] = "auto",
+        head_impl: Literal["auto", "kernel", "csr", "embedding_bag", "triton"] = "auto",
         intermediate_dim: int = 0,
         intermediate_activation: Activation = "identity",
         aux_clusters: int = 0,

@@ -15,11 +15,16 @@ Implementations (``impl``), all checked against the same naive gather oracle in 
   the input gradient with the transposed CSR product, blocked by labels so each block's output gradient stays in
   cache. Works on CPU and CUDA.
 * ``embedding_bag``: portable fallback built on ``embedding_bag`` and chunked gathers; any device.
+* ``triton``: Triton kernels (``triton_fan_in.py``, the optional ``triton`` extra) that read fp32/fp16/bf16 inputs as
+  they arrive and accumulate in fp32; CUDA (on CPU only through Triton's interpreter, for tests).
 
-``auto`` picks ``kernel`` on CPU where the kernels build, ``csr`` on CUDA, ``embedding_bag`` elsewhere.
+``auto`` picks ``kernel`` on CPU where the kernels build, ``triton`` on CUDA where Triton imports, else ``csr`` on
+CPU/CUDA and ``embedding_bag`` elsewhere.
 
-The layer always computes in fp32 (or fp64 for fp64 inputs), also under autocast: an fp16 sum over the fan-in would
-lose the small weights DST is about to prune, and the output is small next to the encoder's activations.
+The layer always accumulates in fp32 (or fp64 for fp64 inputs), also under autocast: an fp16 sum over the fan-in
+would lose the small weights DST is about to prune. The logits are fp32 too (the loss over hundreds of thousands of
+labels needs it), or the autocast dtype with ``autocast_logits=True``. The ``triton`` path reads half-precision inputs
+directly; the others compute on an fp32 copy of them.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from xmc_dst.kernels import load_kernels
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-Impl = Literal["auto", "kernel", "csr", "embedding_bag"]
-IMPLS: tuple[str, ...] = ("kernel", "csr", "embedding_bag")
+Impl = Literal["auto", "kernel", "csr", "embedding_bag", "triton"]
+IMPLS: tuple[str, ...] = ("kernel", "csr", "embedding_bag", "triton")
 # Index dtype: int32 halves the index memory (670K x 32 indices: 86 MB instead of 171 MB) and covers any input width
 # below 2**31; embedding_bag, CSR tensors and the C kernels all take int32 indices directly.
 INDEX_DTYPE = torch.int32
@@ -54,6 +59,15 @@ def _num_threads() -> int:
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def triton_problem(device: torch.device) -> str | None:
+    """Why ``impl="triton"`` cannot run on ``device`` (None when it can); imports Triton on first use."""
+    try:
+        from xmc_dst import triton_fan_in
+    except ImportError as err:
+        return f"impl='triton' needs Triton ({err}); install it with `pip install 'xmc-dst[triton]'`"
+    return triton_fan_in.unsupported(device)
 
 
 class _KernelFunction(torch.autograd.Function):
@@ -117,7 +131,9 @@ def _build_transposed(indices: Tensor, in_features: int, block_labels: int) -> _
     # Sort connections by (block, input, label): a stable sort on (block, input) keeps labels ascending.
     order = torch.argsort(block * in_features + flat, stable=True)
     num_blocks = (num_out + block_labels - 1) // block_labels
-    counts = torch.bincount(block * in_features + flat, minlength=num_blocks * in_features).view(num_blocks, -1)
+    key = block * in_features + flat
+    counts = torch.zeros(num_blocks * in_features, dtype=torch.int64, device=indices.device)
+    counts = counts.index_add_(0, key, torch.ones_like(key)).view(num_blocks, -1)  # bincount reads its max on CUDA
     col_ptr = torch.zeros(num_blocks, in_features + 1, dtype=torch.int64, device=indices.device)
     col_ptr[:, 1:] = counts.cumsum(1)
     rows = (label[order] - block[order] * block_labels).to(INDEX_DTYPE)
@@ -238,13 +254,14 @@ class FixedFanInLinear(nn.Module):
         out_features: number of outputs (labels).
         fan_in: connections per output, ``1 <= fan_in <= in_features``.
         bias: learn an additive bias per output.
-        impl: ``auto``, ``kernel``, ``csr`` or ``embedding_bag`` (see the module docstring).
+        impl: ``auto``, ``kernel``, ``csr``, ``embedding_bag`` or ``triton`` (see the module docstring).
         generator: random source for the initial topology and weights.
+        autocast_logits: under autocast, return the logits in the autocast dtype instead of fp32.
     """
 
     def __init__(self, in_features: int, out_features: int, fan_in: int, bias: bool = True, impl: Impl = "auto",
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, autocast_logits: bool = False) -> None:
         super().__init__()
         if not 1 <= fan_in <= in_features:
             raise ValueError(f"fan_in must be between 1 and in_features={in_features}, got {fan_in}")
@@ -253,6 +270,7 @@ class FixedFanInLinear(nn.Module):
         if in_features >= 2**31:
             raise ValueError("in_features must be below 2**31 (int32 indices)")
         self.in_features, self.out_features, self.fan_in, self.impl = in_features, out_features, fan_in, impl
+        self.autocast_logits = autocast_logits
         self.weight = nn.Parameter(torch.empty(out_features, fan_in, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("indices", torch.empty(out_features, fan_in, dtype=INDEX_DTYPE, device=device))
@@ -284,9 +302,13 @@ class FixedFanInLinear(nn.Module):
         if self.impl != "auto":
             if self.impl == "kernel" and (device.type != "cpu" or load_kernels() is None):
                 raise RuntimeError("impl='kernel' needs a CPU tensor and a working C compiler; use impl='auto'")
+            if self.impl == "triton" and (problem := triton_problem(device)) is not None:
+                raise RuntimeError(problem)
             return self.impl
         if device.type == "cpu" and dtype in (torch.float32, torch.float64) and load_kernels() is not None:
             return "kernel"
+        if device.type == "cuda" and triton_problem(device) is None:
+            return "triton"
         return "csr" if device.type in ("cpu", "cuda") else "embedding_bag"
 
     def transposed_structure(self, block_labels: int | None = None) -> _Transposed:
@@ -309,11 +331,16 @@ class FixedFanInLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = compute
+        if self.autocast_logits and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        impl = self.resolved_impl(x.device, compute)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if impl == "triton":
+                return self._triton(x, out_dtype).reshape(*lead, self.out_features)
             x = x.to(compute)
             weight = self.weight.to(compute)
             bias = self.bias.to(compute) if self.bias is not None else None
-            impl = self.resolved_impl(x.device, compute)
             if impl == "kernel":
                 y = _KernelFunction.apply(x.contiguous(), weight.contiguous(), bias, self.indices.contiguous())
             elif impl == "csr":
@@ -321,7 +348,20 @@ class FixedFanInLinear(nn.Module):
             else:
                 y = _EmbeddingBagFunction.apply(x, weight, bias, self.indices,
                                                 self.transposed_structure(self.out_features))
-        return y.reshape(*lead, self.out_features)
+        return y.to(out_dtype).reshape(*lead, self.out_features)
+
+    def _triton(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """The Triton kernels on ``x`` in its own dtype; the input gradient as :data:`triton_fan_in.INPUT_GRAD`."""
+        from xmc_dst import triton_fan_in
+
+        mode = triton_fan_in.INPUT_GRAD
+        transposed = None
+        if mode == "transposed" and x.requires_grad and torch.is_grad_enabled():
+            transposed = self.transposed_structure(triton_fan_in.TRANSPOSED_BLOCK_LABELS)
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point inputs, got {x.dtype}")
+        return triton_fan_in.TritonFanInFunction.apply(x, self.weight.contiguous(), self.bias,
+                                                       self.indices.contiguous(), out_dtype, mode, transposed)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense ``[out, in]`` weight (for tests and small layers only)."""
