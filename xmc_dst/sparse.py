@@ -51,6 +51,8 @@ INDEX_DTYPE = torch.int32
 CSR_BLOCK_LABELS = 1024
 # Labels per chunk of the gathers in the ``embedding_bag`` backward: bounds the [chunk, fan_in, batch] temporary.
 GATHER_CHUNK_ELEMENTS = 1 << 24
+# Random keys per step of the PyTorch regrowth path ([rows, in_features] fp32: 64 MB).
+REGROW_CHUNK_ELEMENTS = 1 << 24
 
 
 def _num_threads() -> int:
@@ -233,12 +235,17 @@ class RewireResult:
     """What one :meth:`FixedFanInLinear.rewire` did.
 
     ``permutation[l, j]`` is the slot that new slot ``j`` of row ``l`` came from (rows are re-sorted after regrowth,
-    so surviving connections can move); ``regrown[l, j]`` marks the slots that hold a new connection.
+    so surviving connections can move); ``regrown[l, j]`` marks the slots that hold a new connection. Both stay on
+    the layer's device; the counts below read from it (on a GPU: wait for it) only when asked for.
     """
 
     regrown: Tensor  # bool [out, fan_in]
     permutation: Tensor  # int64 [out, fan_in]
-    num_pruned: int
+
+    @property
+    def num_pruned(self) -> int:
+        """How many connections were pruned (and as many regrown)."""
+        return int(self.regrown.sum())
 
     @property
     def regrown_fraction(self) -> float:
@@ -401,9 +408,23 @@ class FixedFanInLinear(nn.Module):
 
 
 def _uniform(shape: torch.Size, bound: float, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    gen_device = generator.device if generator is not None else like.device
-    values = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    return ((values * 2 - 1) * bound).to(device=like.device, dtype=like.dtype)
+    values = torch.rand(shape, generator=device_generator(generator, like.device), device=like.device,
+                        dtype=torch.float32)
+    return ((values * 2 - 1) * bound).to(like.dtype)
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator that draws on ``device``: ``generator`` itself where it lives there, else a new one seeded by one
+    draw from ``generator`` (a host-side draw for a CPU generator), so random tensors are made where they are used
+    and never copied from the host: no host round trip on a GPU, and deterministic for a given generator state."""
+    device = torch.device(device)
+    if generator is None or device.type == "meta":  # meta tensors hold no values: nothing to draw
+        return None
+    here = generator.device
+    if here.type == device.type and (here.index or 0) == (device.index or 0):
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=here).item())
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def random_indices(num_rows: int, in_features: int, fan_in: int, generator: torch.Generator | None = None,
@@ -463,7 +484,10 @@ def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.G
     Returns ``(sorted_indices, permutation)`` (int32, int64): new slot ``j`` of row ``r`` holds what slot
     ``permutation[r, j]`` of the merged row held. On CPU the C kernel does this in one pass over the rows (each row
     with its own random stream seeded from ``generator``); elsewhere, or with ``use_kernel=False``, a vectorised
-    PyTorch path does. Both are deterministic for a given generator state, but they draw different inputs.
+    PyTorch path does, without reading anything back from the device (see :func:`_regrow_torch`). Both are
+    deterministic for a given generator state, but they draw different inputs. A row must have at least as many
+    free inputs as it prunes: checked on CPU; on other devices the check would wait for the device, and
+    :meth:`FixedFanInLinear.rewire` caps the pruning so that it holds.
     """
     lib = load_kernels() if indices.device.type == "cpu" and use_kernel is not False else None
     if use_kernel and lib is None:
@@ -486,33 +510,47 @@ def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.G
 
 def _regrow_torch(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.Generator | None,
                   exclude_old: bool) -> tuple[Tensor, Tensor]:
-    """The PyTorch path of :func:`regrow`.
+    """The PyTorch path of :func:`regrow`: random keys, with no host synchronisation.
 
-    Occupancy is a bit-packed ``[rows, ceil(in_features / 64)]`` int64 map (670K rows x 768 inputs: 64 MB). One slot
-    column at a time, every row that needs slot ``j`` draws a candidate, keeps it if its bit is clear and redraws
-    otherwise; accepted bits are set by adding ``1 << bit`` (rows are distinct within a column, so adding is OR). The
-    loops run over slot columns and retries, never over rows.
+    Every input of a row gets a uniform random key; the inputs the row keeps (with ``exclude_old``, also those it
+    prunes) get the key 2, above every draw. The row's ``k`` smallest keys, in order, are its candidates, and its
+    pruned slots, left to right, take the first of them: the smallest keys among the free inputs are a uniform
+    random subset of them. Rows go in chunks of at most :data:`REGROW_CHUNK_ELEMENTS` keys; the loop runs over a
+    number of chunks known from the shapes, never over rows or data-dependent retries, so a GPU never waits.
     """
     rows, k = indices.shape
     device = indices.device
-    gen_device = generator.device if generator is not None else device
-    words_per_row = (in_features + 63) // 64
+    gen = device_generator(generator, device)
     old = indices.long()
-    taken = old if exclude_old else old[:, :0]
-    occupancy = torch.zeros(rows, words_per_row, dtype=torch.long, device=device)
-    occupancy.scatter_add_(1, taken >> 6, torch.ones_like(taken) << (taken & 63))
-    occupancy = occupancy.view(-1)
-    merged = old.clone().view(-1)
-    for j in range(k):
-        need = pruned[:, j].nonzero().squeeze(1)
-        while need.numel():
-            draw = torch.randint(in_features, (need.numel(),), generator=generator, device=gen_device).to(device)
-            word = need * words_per_row + (draw >> 6)
-            free = (occupancy[word] >> (draw & 63)) & 1 == 0
-            occupancy.index_add_(0, word[free], torch.ones_like(draw[free]) << (draw[free] & 63))
-            merged[need[free] * k + j] = draw[free]
-            need = need[~free]
-    sorted_indices, permutation = merged.view(rows, k).sort(dim=1)
+    if device.type == "cpu":
+        counts = pruned.sum(1)
+        free = in_features - (k if exclude_old else k - counts)
+        if bool((counts > free).any()):
+            raise ValueError(f"cannot regrow: a row has fewer than the requested free inputs among {in_features}")
+    candidates = torch.empty(rows, k, dtype=torch.long, device=device)
+    chunk = max(1, REGROW_CHUNK_ELEMENTS // max(1, in_features))
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        keys = torch.rand(stop - start, in_features, generator=gen, device=device)
+        taken = old[start:stop]
+        blocked = torch.full(taken.shape, 2.0, device=device)
+        if not exclude_old:  # pruned slots give their input back to the draw
+            blocked = torch.where(pruned[start:stop], keys.gather(1, taken), blocked)
+        keys.scatter_(1, taken, blocked)
+        candidates[start:stop] = keys.topk(k, dim=1, largest=False, sorted=True).indices
+    return fill_pruned(indices, pruned, candidates)
+
+
+def fill_pruned(indices: Tensor, pruned: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """Put each row's first candidates into its ``pruned`` slots (left to right: candidate 0, 1, ...), sort the rows.
+
+    ``candidates[r, :n_r]`` (``n_r`` pruned slots in row ``r``) must be distinct and absent from the row's kept
+    inputs. Returns ``(sorted_indices, permutation)`` as :func:`regrow`.
+    """
+    rank = pruned.long().cumsum(1) - 1  # position of each pruned slot among its row's pruned slots
+    chosen = candidates.gather(1, rank.clamp(min=0, max=max(0, candidates.shape[1] - 1))) \
+        if candidates.shape[1] else torch.zeros_like(rank)
+    sorted_indices, permutation = torch.where(pruned, chosen, indices.long()).sort(dim=1)
     return sorted_indices.to(INDEX_DTYPE), permutation
 
 
@@ -524,7 +562,7 @@ def commit_topology(weight: Tensor, indices: Tensor, pruned: Tensor, sorted_indi
     regrown = pruned.gather(1, permutation)
     weight.copy_(weight.gather(1, permutation).masked_fill_(regrown, 0.0))
     indices.copy_(sorted_indices.to(indices.dtype))
-    return RewireResult(regrown=regrown, permutation=permutation, num_pruned=int(pruned.sum()))
+    return RewireResult(regrown=regrown, permutation=permutation)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, result: RewireResult) -> int:
@@ -539,9 +577,8 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, resul
         return 0
     changed = 0
     for value in state.values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            moved = value.gather(1, result.permutation.to(value.device))
-            moved[result.regrown.to(value.device)] = 0
-            value.copy_(moved)
+        if isinstance(value, Tensor) and value.shape == param.shape:  # masked_fill: a boolean index would sync
+            value.copy_(value.gather(1, result.permutation.to(value.device)).masked_fill_(
+                result.regrown.to(value.device), 0))
             changed += 1
     return changed
