@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from callbacks.clusters import balanced_kmeans_tree, label_embeddings
+from xmc_dst.clusters import balanced_kmeans_tree, label_embeddings
 from xmc_dst.memory import peak_rss_bytes
 
 

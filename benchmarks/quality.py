@@ -84,9 +84,10 @@ def variants(dataset: str) -> dict[str, dict[str, Any]]:
     spec = DATASETS[dataset]
     low, high = spec["fan_ins"]
     out: dict[str, dict[str, Any]] = {
-        "dense": {"model.head": "dense", f"callbacks.{DST}": None},
-        f"sparse-f{high}": {"model.fan_in": high, "model.intermediate_dim": 0},
-        f"sparse-f{low}": {"model.fan_in": low, "model.intermediate_dim": 0},
+        "dense": {"model.head.class_path": "xmc_dst.heads.DenseHead", "model.head.init_args.fan_in": None,
+                  "model.head.init_args.impl": None, f"callbacks.{DST}": None},  # the head's optimizer settings stay
+        f"sparse-f{high}": {"model.head.init_args.fan_in": high, "model.intermediate_dim": 0},
+        f"sparse-f{low}": {"model.head.init_args.fan_in": low, "model.intermediate_dim": 0},
         "sparse+intermediate": dict(RELU_1024),
         "sparse+aux": {"model.aux_clusters": spec["aux_clusters"],
                        f"callbacks.{AUX}": {"alpha": 0.4, "cutoff_epoch": spec["aux_cutoff"]}},
@@ -264,7 +265,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "static_mib": (memory.report.get("static_bytes") or 0) / 2**20,
         "head_mib": _part_mib(memory.report.get("parts", {}).get("head")),
         "head_params": head_params,
-        "fan_in": model.hparams.fan_in if model.hparams.head == "sparse" else None,
+        "fan_in": getattr(model.head, "fan_in", None),
         "best_checkpoint": Path(best).name if best else None,
         "shared_feature_cache": bool(shared and shared.loaded),
         "curve": timing.curve,

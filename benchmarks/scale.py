@@ -6,7 +6,7 @@ encoder fine-tuned end to end, an optional intermediate layer, the label head, t
 project's AdamW, driven by a Lightning ``Trainer.fit`` on synthetic data in the raw-text layout
 (``benchmarks/synthetic.py``: power-law label frequencies, ~5 labels per document, label-dependent texts) read by
 ``datamodules.RawTextXMCDataModule``. Label counts are those of Wiki10-31K, AmazonTitles-131K and Amazon-670K; the
-memory at Amazon-3M's 2.8M labels is the estimate of :func:`xmc_dst.memory.estimate_memory` (no run).
+memory at Amazon-3M's 2.8M labels is the estimate of :func:`xmc_dst.estimate.estimate_memory` (no run).
 
 How: every configuration (label count x head) runs in a fresh Python process, so its peak resident memory is its
 own. The process trains ``--warmup + --steps`` optimizer steps; throughput counts the documents of the last
@@ -104,13 +104,13 @@ def slug(name: str) -> str:
 
 def variant_model_args(variant: str, fan_in: int, intermediate_dim: int) -> dict[str, Any]:
     """XMCModule arguments of a head variant."""
+    sparse = {"class_path": "xmc_dst.heads.FixedFanInHead", "init_args": {"fan_in": fan_in}}
     if variant == "dense":
-        return {"head": "dense", "fan_in": fan_in, "intermediate_dim": 0}
+        return {"head": {"class_path": "xmc_dst.heads.DenseHead"}, "intermediate_dim": 0}
     if variant == "sparse":
-        return {"head": "sparse", "fan_in": fan_in, "intermediate_dim": 0}
+        return {"head": sparse, "intermediate_dim": 0}
     if variant == "sparse-int":
-        return {"head": "sparse", "fan_in": fan_in, "intermediate_dim": intermediate_dim,
-                "intermediate_activation": "relu"}
+        return {"head": sparse, "intermediate_dim": intermediate_dim, "intermediate_activation": "relu"}
     raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
 
 
@@ -124,8 +124,8 @@ def dst_args(warmup: int) -> dict[str, Any]:
 
 
 def estimate_gb(num_labels: int, variant: str, args: argparse.Namespace, tokenizer: str) -> dict[str, float]:
-    """Estimated training memory (GB) of one configuration: total and static, from :mod:`xmc_dst.memory`."""
-    from xmc_dst.memory import estimate_memory
+    """Estimated training memory (GB) of one configuration: total and static, from :mod:`xmc_dst.estimate`."""
+    from xmc_dst.estimate import estimate_memory
 
     model = {"encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder", "init_args": dict(ENCODER_ARGS)},
              "num_labels": num_labels, **variant_model_args(variant, args.fan_in, args.intermediate_dim)}
@@ -168,7 +168,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                                 cache_dir=spec["cache_dir"])
     encoder = functools.partial(TransformerEncoder, **ENCODER_ARGS)
     model = XMCModule(encoder, num_labels=data.num_labels, tokenizer=data.tokenizer_name, loss="squared_hinge",
-                      loss_reduction="batch_mean", head_impl="auto", seed=0,
+                      loss_reduction="batch_mean", seed=0,
                       **variant_model_args(spec["variant"], spec["fan_in"], spec["intermediate_dim"]))
 
     class StepTimer(L.Callback):
@@ -478,7 +478,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "process used while timed, an indication (not a measurement) of what an uncontended core would do. "
         "*peak RSS*: the process's VmHWM (interpreter, libraries, tokenised data, model; all of it). *head "
         "params*: parameters of the label head. *head+optimizer*: the head's parameters, gradients, AdamW moments and "
-        "int32 indices, counted from the live tensors. *estimate*: `xmc_dst.memory.estimate_memory` for the whole "
+        "int32 indices, counted from the live tensors. *estimate*: `xmc_dst.estimate.estimate_memory` for the whole "
         "training step (static + activations, no interpreter or data), the number to compare with a device budget."
         + (" *peak CUDA*: `torch.cuda.max_memory_allocated` during fit." if cuda else "")
         + " Peak RSS exceeds the estimate by the interpreter, libraries and data (RSS at fit start minus the model's "

@@ -9,8 +9,8 @@ Schedule (the authors' ``CosineDecay(alpha, T, eta_min=0)`` stepped after every 
 that produces optimizer step ``t + 1`` uses ``alpha(t) = alpha0 / 2 * (1 + cos(pi * t / T))`` for ``t < T``;
 ``T`` is ``cutoff_step`` or ``cutoff_epoch`` epochs of optimizer steps. At ``t >= T`` the head is removed.
 
-Clusters come from ``cluster_file`` (see :func:`callbacks.clusters.load_cluster_file`) or are built from the
-training data by :mod:`callbacks.clusters` and cached as an int64 ``.npy`` assignment beside the data.
+Clusters come from ``cluster_file`` (see :func:`xmc_dst.clusters.load_cluster_file`) or are built from the
+training data by :mod:`xmc_dst.clusters` and cached as an int64 ``.npy`` assignment beside the data.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from callbacks.clusters import CLUSTER_FIX, balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
+from xmc_dst.clusters import CLUSTER_FIX, balanced_kmeans_tree, label_embeddings, load_cluster_file, save_assignment
 
 log = logging.getLogger(__name__)
 

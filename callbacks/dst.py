@@ -22,11 +22,11 @@ no inf. Loggers get ``trainer.global_step`` as the step of an update, ``history`
   ``eta_min=1e-4`` stepped once per optimizer step). ``fraction`` (RigL): drop the ``round(f(t) * fan_in)`` weakest
   weights per row with ``f(t) = f0 / 2 * (1 + cos(pi * t / T))``. ``t`` counts steps from ``start``, ``T`` is the
   length of the rewiring period.
-* Regrowth, ``random`` (SET, the paper's): the layer's own ``rewire``. ``gradient`` (RigL): the unconnected inputs
-  with the largest ``|dL/dW|`` on the batch of the update step, computed in label blocks from the layer input and
-  output gradient captured by hooks registered only for that step (see :func:`callbacks.regrowth.gradient_candidates`
-  for the cost). New weights start at zero; optimizer state follows the surviving connections and is zeroed at the
-  regrown slots in every optimizer of the trainer.
+* Regrowth, ``random`` (SET, the paper's): the layer's own ``rewire``. ``gradient`` (RigL): the same ``rewire``
+  given :class:`xmc_dst.regrowth.GradientScores` of the update step's batch, so that it grows the unconnected inputs
+  with the largest ``|dL/dW|``, computed in label blocks from the layer input and output gradient captured by hooks
+  registered only for that step (see there for the cost). New weights start at zero; optimizer state follows the
+  surviving connections and is zeroed at the regrown slots in every optimizer of the trainer.
 * On a GPU an update never waits for the device: pruning, regrowth (from device generators seeded by the
   callback's CPU stream), the optimizer-state reset and the ITOP map stay there, and the logged metrics are copied
   back asynchronously and logged (with their step) at a later batch end once the device got there, or at the end
@@ -36,8 +36,10 @@ no inf. Loggers get ``trainer.global_step`` as the step of an update, ``history`
   with ``verify_sync`` a checksum of indices and weights is compared across ranks after each update.
 
 The layers are found by duck typing: any submodule with ``rewire``, ``reset_optimizer_state`` and ``indices``
-(see :class:`xmc_dst.sparse.FixedFanInLinear` for the protocol); ``gradient`` also uses ``weight`` [out, k],
-``in_features`` and a forward whose input is ``[..., in_features]``.
+(see :class:`xmc_dst.sparse.FixedFanInLinear` for the protocol: ``rewire(mode, amount, generator, init,
+candidates=None)`` returns a result with ``regrown`` and ``num_pruned`` that ``reset_optimizer_state(optimizer,
+result)`` takes; ``indices`` holds the rows the checksum and the ITOP map read); ``gradient`` also uses
+``in_features``, ``out_features`` and a forward ``[..., in_features] -> [..., out_features]``.
 """
 
 from __future__ import annotations
@@ -53,8 +55,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from callbacks.regrowth import GRADIENT_CHUNK_ELEMENTS, EverActive, apply_regrowth, gradient_candidates
-from xmc_dst.sparse import prune_mask
+from xmc_dst.regrowth import GRADIENT_CHUNK_ELEMENTS, EverActive, GradientScores
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class DynamicSparseTraining(L.Callback):
         seed: seed of the regrowth random stream (None: drawn from torch's global generator on rank 0).
         track_itop: keep the bit-packed ever-active map and log the in-time over-parameterisation rate.
         itop_rows: track at most this many rows (a fixed random sample; the rate is then an estimate, see
-            :class:`~callbacks.regrowth.EverActive`); None tracks every row (670K x 768: a 64 MB map).
+            :class:`~xmc_dst.regrowth.EverActive`); None tracks every row (670K x 768: a 64 MB map).
         verify_sync: under DDP, check after every update that all ranks hold the same indices and weights.
     """
 
@@ -209,8 +210,8 @@ class DynamicSparseTraining(L.Callback):
             raise ValueError("DynamicSparseTraining found no layer with rewire/reset_optimizer_state/indices")
         if self.regrow == "gradient":
             for name, layer in self.layers:
-                if not isinstance(getattr(layer, "weight", None), Tensor) or not hasattr(layer, "in_features"):
-                    raise ValueError(f"regrow='gradient' needs `weight` and `in_features` on layer {name!r}")
+                if not (hasattr(layer, "in_features") and hasattr(layer, "out_features")):
+                    raise ValueError(f"regrow='gradient' needs `in_features` and `out_features` on layer {name!r}")
         seed = self.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -330,25 +331,23 @@ class DynamicSparseTraining(L.Callback):
             _log(trainer, metrics, pending.global_step)
 
     def _rewire(self, trainer: L.Trainer, name: str, layer: nn.Module, amount: float):
+        candidates = self._gradient_scores(trainer, name, layer) if self.regrow == "gradient" else None
+        return layer.rewire(self.prune, amount, generator=self.generator, init="zero", candidates=candidates)
+
+    def _gradient_scores(self, trainer: L.Trainer, name: str, layer: nn.Module) -> GradientScores | None:
+        """The update step's gradient scores (every rank's rows under DDP); None without a captured batch."""
         captured = self._captures[name].tensors() if name in self._captures else None
-        if self.regrow == "random" or (captured is None and trainer.world_size == 1):
-            if self.regrow == "gradient":
-                log.warning("DST: no gradient captured for %s at this update; regrowing at random", name)
-            return layer.rewire(self.prune, amount, generator=self.generator, init="zero")
-        in_features = _in_features(layer)
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if captured is None and not distributed:
+            log.warning("DST: no gradient captured for %s at this update; regrowing at random", name)
+            return None
         x, dy = captured if captured is not None else (None, None)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if distributed:
             if x is None:  # keep the collectives matched: a rank without a batch contributes no rows
-                x = layer.weight.new_zeros(0, in_features)
-                dy = layer.weight.new_zeros(0, layer.indices.shape[0])
+                x = layer.weight.new_zeros(0, int(layer.in_features))
+                dy = layer.weight.new_zeros(0, int(layer.out_features))
             x, dy = _all_gather_rows(x), _all_gather_rows(dy)
-        pruned = prune_mask(layer.weight, self.prune, amount, max_per_row=in_features - layer.indices.shape[1])
-        candidates = gradient_candidates(x, dy, layer.indices, pruned.sum(1), self.gradient_chunk_elements)
-        result = apply_regrowth(layer.weight, layer.indices, pruned, candidates)
-        version = getattr(layer, "topology_version", None)
-        if isinstance(version, Tensor):
-            version += 1
-        return result
+        return GradientScores(x, dy, self.gradient_chunk_elements)
 
     def _drop_captures(self) -> None:
         for capture in self._captures.values():

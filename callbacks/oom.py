@@ -12,13 +12,13 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from xmc_dst.memory import static_breakdown
+from xmc_dst.memory import GIB, static_breakdown
 
 __all__ = ["OutOfMemoryAdvice", "OutOfMemoryAdvisor"]
 
-GIB = 1024**3
 KNOBS = {
-    "head": "a sparse head (head: sparse) or a lower fan_in; AdamW keeps two states per weight, SGD with momentum one",
+    "head": "a sparse head (model.head: xmc_dst.heads.FixedFanInHead) or a lower fan_in; AdamW keeps two states per "
+            "weight, SGD with momentum one",
     "encoder": "freeze encoder layers (trainable_layers), gradient_checkpointing: true, or a smaller encoder",
     "intermediate": "a lower intermediate_dim",
     "aux_head": "fewer aux_clusters or an earlier auxiliary cutoff",

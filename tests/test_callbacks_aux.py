@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import AuxiliaryModule, AuxiliaryObjective
-from callbacks.clusters import ClusterFileError, balanced_kmeans_tree, label_embeddings, load_cluster_file
+from xmc_dst.clusters import ClusterFileError, balanced_kmeans_tree, label_embeddings, load_cluster_file
 from xmc_dst.optim import drop_parameters
 from xmc_dst.sparse import FixedFanInLinear
 
@@ -288,12 +288,13 @@ def test_empty_clusters_are_allowed_and_logged(tmp_path, caplog):
 
 def test_drives_the_xmc_module_with_a_cluster_file(tmp_path):
     from xmc_dst.encoders import BagOfWordsEncoder
+    from xmc_dst.heads import FixedFanInHead
     from xmc_dst.model import XMCModule
 
     batches = planted_batches()
     model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=0),
-                      num_labels=OUT, num_features=VOCAB, fan_in=4, aux_clusters=GROUPS, warmup_steps=0,
-                      head_lr=0.05, encoder_lr=0.01)
+                      num_labels=OUT, num_features=VOCAB, head=functools.partial(FixedFanInHead, fan_in=4, lr=0.05),
+                      aux_clusters=GROUPS, warmup_steps=0, encoder_lr=0.01)
     file = tmp_path / "label_group0.npy"
     groups = np.empty(GROUPS, dtype=object)
     groups[:] = [np.arange(c * LABELS_PER_GROUP, (c + 1) * LABELS_PER_GROUP) for c in range(GROUPS)]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import DynamicSparseTraining
 from callbacks.dst import find_sparse_layers
-from callbacks.regrowth import EverActive, apply_regrowth, gradient_candidates
+from xmc_dst.regrowth import EverActive
 from xmc_dst.sparse import FixedFanInLinear
 
 IN, HIDDEN, OUT, FAN_IN = 12, 24, 30, 4
@@ -218,50 +218,6 @@ def test_gradient_regrowth_grows_the_largest_dense_gradients(device):
                 grew += n
         assert bool((new["weight"][grown.gather(1, new["indices"].long())] == 0).all())  # new weights start at 0
     assert grew > 0
-
-
-def test_gradient_candidates_in_label_chunks_match_the_dense_gradient():
-    g = torch.Generator().manual_seed(3)
-    x, dy = torch.randn(16, 50, generator=g), torch.randn(16, 37, generator=g)
-    indices = torch.stack([torch.randperm(50, generator=g)[:6].sort().values for _ in range(37)]).int()
-    counts = torch.randint(0, 5, (37,), generator=g)
-    got = gradient_candidates(x, dy, indices, counts, chunk_elements=50 * 4)  # 4 labels per chunk
-    reference = (dy.t() @ x).abs().scatter_(1, indices.long(), -1.0)
-    for row in range(37):
-        n = int(counts[row])
-        assert got[row, :n].tolist() == reference[row].topk(n).indices.tolist()
-
-    weight = torch.randn(37, 6, generator=g)
-    pruned = torch.rand(37, 6, generator=g) < counts[:, None] / 6.0
-    pruned_counts = pruned.sum(1)
-    cands = gradient_candidates(x, dy, indices, pruned_counts)
-    new_weight, new_indices = weight.clone(), indices.clone()
-    result = apply_regrowth(new_weight, new_indices, pruned, cands)
-    for row in range(37):
-        kept = {int(i): float(w) for i, w, p in zip(indices[row], weight[row], pruned[row], strict=True) if not p}
-        grown = set(cands[row, : int(pruned_counts[row])].tolist())
-        assert set(new_indices[row].tolist()) == set(kept) | grown
-        for slot, i in enumerate(new_indices[row].tolist()):
-            assert float(new_weight[row, slot]) == kept.get(i, 0.0)
-            assert bool(result.regrown[row, slot]) == (i in grown)
-            assert int(indices[row, result.permutation[row, slot]]) == i or i in grown
-
-
-def test_ever_active_map_is_an_or_of_indices():
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.stack([torch.randperm(130, generator=g)[:9].sort().values for _ in range(7)]) for _ in range(4)]
-    tracker = EverActive(rows[0].int(), 130)
-    union = dense(rows[0], torch.ones(7, 9, dtype=torch.bool), 130)
-    for r in rows[1:]:
-        tracker.add(r.int())
-        union |= dense(r, torch.ones(7, 9, dtype=torch.bool), 130)
-    assert torch.equal(tracker.dense(), union) and tracker.count == int(union.sum())
-    assert tracker.words.numel() * 8 == 7 * math.ceil(130 / 64) * 8
-    sampled = EverActive.sampled(rows[0].int(), 130, max_rows=3, seed=5)
-    for r in rows[1:]:
-        sampled.add(r.int(), only=torch.rand(7, 9, generator=g) < 2)  # all slots, through the mask path
-    assert sampled.rows.tolist() == sorted(torch.randperm(7, generator=torch.Generator().manual_seed(5))[:3].tolist())
-    assert torch.equal(sampled.dense(), union[sampled.rows]) and sampled.possible == 3 * 130
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -36,11 +36,12 @@ def base_args(data_dir: Path, encoder_dir: Path, tmp: Path, *extra: str) -> list
         "--data.cache_dir", str(tmp / "cache"),
         "--model.encoder", "xmc_dst.encoders.TransformerEncoder",
         "--model.encoder.pooling", "mean",
-        "--model.fan_in", "8",
+        "--model.head", "xmc_dst.heads.FixedFanInHead",
+        "--model.head.fan_in", "8",
+        "--model.head.lr", "3e-2",
         "--model.intermediate_dim", "16",
         "--model.intermediate_activation", "relu",
         "--model.encoder_lr", "3e-3",
-        "--model.head_lr", "3e-2",
         "--model.intermediate_lr", "3e-2",
         "--model.warmup_steps", "0",
         "--model.loss", "bce",
@@ -98,6 +99,16 @@ def test_fit_test_predict_and_python_inference(tiny_data, tiny_encoder_dir, tmp_
 
     tested = cli(["test", *args, "--ckpt_path", best])
     assert float(tested.trainer.callback_metrics["test/P@1"]) == pytest.approx(test_p1, abs=1e-3)
+    # the same checkpoint with the hyperparameters of the layout before heads were components (tests/data has real
+    # ones): Lightning reads them into the config, migrated first
+    head = checkpoint["hyper_parameters"].pop("head")
+    checkpoint["hyper_parameters"].update(head="sparse", fan_in=head["init_args"]["fan_in"],
+                                          head_lr=head["init_args"]["lr"])
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(checkpoint, legacy)
+    tested = cli(["test", *args, "--ckpt_path", str(legacy)])
+    assert float(tested.trainer.callback_metrics["test/P@1"]) == pytest.approx(test_p1, abs=1e-3)
+    assert tested.model.head.fan_in == 8 and tested.model.head.optimizer_settings.lr == pytest.approx(3e-2)
 
     texts = ["python library the tool", "game network", "data file data", "the"]
     predict_file = tmp_path / "docs.txt"
@@ -193,11 +204,11 @@ def test_relocates_the_shipped_minilm():
 
 
 def test_estimate_memory_is_an_xmc_dst_subcommand() -> None:
-    from xmc_dst import memory
+    from xmc_dst import estimate
     from xmc_dst.cli import EXTRA_SUBCOMMANDS, _resolve_subcommand
 
     function, _ = EXTRA_SUBCOMMANDS["estimate-memory"]
-    assert _resolve_subcommand(function) is memory.estimate_memory_main
+    assert _resolve_subcommand(function) is estimate.estimate_memory_main
 
 
 def test_resume_callbacks_are_on_by_default(tiny_data, tiny_encoder_dir, tmp_path):

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks.clusters import ClusterFileError
 from datamodules import BoWXMCDataModule, LFXMCDataModule, RawTextXMCDataModule
 from xmc_dst.cli import cli, main
+from xmc_dst.clusters import ClusterFileError
 from xmc_dst.model import XMCModule
 
 TOPICS = {"python": "lang::python", "game": "use::gameplaying", "network": "protocol::ip", "data": "works-with::db"}
@@ -79,7 +79,8 @@ def args(data_dir: Path, encoder: Path, tmp: Path, cache: Path, *extra: str) -> 
             "--data", "datamodules.RawTextXMCDataModule", "--data.data_dir", str(data_dir),
             "--data.tokenizer", str(encoder), "--data.max_length", "8", "--data.batch_size", "8",
             "--data.cache_dir", str(cache),
-            "--model.encoder", "xmc_dst.encoders.TransformerEncoder", "--model.fan_in", "8",
+            "--model.encoder", "xmc_dst.encoders.TransformerEncoder",
+            "--model.head", "xmc_dst.heads.FixedFanInHead", "--model.head.fan_in", "8",
             "--model.intermediate_dim", "16", "--model.warmup_steps", "0",
             "--trainer.accelerator", "cpu", "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(tmp / "logs"),
@@ -186,14 +187,14 @@ def test_every_layout_names_the_folder_and_its_files(cls, expected, tmp_path):
 
 
 @pytest.mark.parametrize(("options", "message", "fixed"), [
-    (["--model.fan_in", "24"],
-     r"model\.fan_in=24 is larger than the 16 inputs of the sparse head \(intermediate_dim=16\): set model\.fan_in "
-     r"<= 16, or raise model\.intermediate_dim to at least 24", ["--model.fan_in", "24", "--model.intermediate_dim",
-                                                                 "24"]),
-    (["--model.fan_in", "40", "--model.intermediate_dim", "0"],  # the tiny encoder is 32 wide
-     r"model\.fan_in=40 is larger than the 32 inputs of the sparse head \(the encoder's output width\): set "
-     r"model\.fan_in <= 32, or add an intermediate layer with model\.intermediate_dim >= 40",
-     ["--model.fan_in", "32", "--model.intermediate_dim", "0"]),
+    (["--model.head.fan_in", "24"],
+     r"model\.head fan_in=24 is larger than the 16 inputs of the head \(intermediate_dim=16\): set "
+     r"model\.head\.init_args\.fan_in <= 16, or raise model\.intermediate_dim to at least 24",
+     ["--model.head.fan_in", "24", "--model.intermediate_dim", "24"]),
+    (["--model.head.fan_in", "40", "--model.intermediate_dim", "0"],  # the tiny encoder is 32 wide
+     r"model\.head fan_in=40 is larger than the 32 inputs of the head \(the encoder's output width\): set "
+     r"model\.head\.init_args\.fan_in <= 32, or add an intermediate layer with model\.intermediate_dim >= 40",
+     ["--model.head.fan_in", "32", "--model.intermediate_dim", "0"]),
 ])
 def test_fan_in_above_the_head_input_width_fails_with_both_fixes(raw, tiny_encoder_dir, tmp_path, cache, steps,
                                                                  options, message, fixed):
@@ -205,7 +206,8 @@ def test_fan_in_above_the_head_input_width_fails_with_both_fixes(raw, tiny_encod
 
 
 def test_dense_head_ignores_fan_in(raw, tiny_encoder_dir, tmp_path, cache, steps):
-    cli(args(raw, tiny_encoder_dir, tmp_path, cache, "--model.fan_in", "1000", "--model.head", "dense"))
+    cli(args(raw, tiny_encoder_dir, tmp_path, cache, "--model.head.fan_in", "1000", "--model.head",
+             "xmc_dst.heads.DenseHead"))
     assert steps == [0]
 
 
@@ -287,6 +289,7 @@ def test_model_built_for_another_label_count_than_the_data_fails_in_setup(tmp_pa
     import functools
 
     from xmc_dst.encoders import BagOfWordsEncoder
+    from xmc_dst.heads import FixedFanInHead
 
     class Data(L.LightningDataModule):
         label_names = [f"l{i}" for i in range(7)]
@@ -298,7 +301,7 @@ def test_model_built_for_another_label_count_than_the_data_fails_in_setup(tmp_pa
             return [batch]
 
     model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=4, hidden_dim=0), num_labels=5,
-                      num_features=3, fan_in=2)
+                      num_features=3, head=functools.partial(FixedFanInHead, fan_in=2))
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"the data \(Data\) has 7 labels, the model was built for 5: build the "

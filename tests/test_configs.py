@@ -63,7 +63,7 @@ def _paper_overrides(tiny_raw: Path, encoder: Path, tmp: Path, name: str) -> lis
             "--trainer.precision", "32-true", *_local(tmp, name)]
     if name != "wiki10-31k":
         # fan_in 128 of the tiny 32-wide encoder (no intermediate layer here) is an error: the tiny width's fan-in
-        args += ["--model.aux_cluster_file", str(tiny_raw / "label_group0.npy"), "--model.fan_in", "16"]
+        args += ["--model.aux_cluster_file", str(tiny_raw / "label_group0.npy"), "--model.head.fan_in", "16"]
     return args
 
 
@@ -87,7 +87,8 @@ def test_paper_configs_instantiate_with_a_local_encoder(name, tiny_raw, tiny_enc
     model, data = run.model, run.datamodule
     assert model.hparams.num_labels == data.num_labels == 12
     assert model.encoder.location == str(tiny_encoder_dir)
-    assert model.hparams.head == "sparse" and model.head.fan_in == model.hparams.fan_in
+    assert model.hparams.head["class_path"] == "xmc_dst.heads.FixedFanInHead"
+    assert model.head.fan_in == model.hparams.head["init_args"]["fan_in"] == (64 if name == "wiki10-31k" else 16)
     kinds = {type(cb).__name__ for cb in run.trainer.callbacks}
     assert "DynamicSparseTraining" in kinds and ("AuxiliaryObjective" in kinds) == (name != "wiki10-31k")
     if name == "wiki10-31k":
@@ -127,12 +128,13 @@ def test_paper_configs_hold_the_authors_settings(name):
     assert data["max_length"] == want["max_length"] and data["batch_size"] == want["batch_size"]
     assert encoder["dropout"] == want["dropout"] and model["intermediate_dim"] == want["intermediate_dim"]
     assert model["intermediate_activation"] == "identity"
-    assert model["fan_in"] == want["fan_in"] and model["head"] == "sparse"
+    head = model["head"]["init_args"]
+    assert head["fan_in"] == want["fan_in"] and model["head"]["class_path"] == "xmc_dst.heads.FixedFanInHead"
     assert model["loss"] == "squared_hinge" and model["loss_reduction"] == "auto"
-    assert model["encoder_optimizer"] == model["head_optimizer"] == "adamw"
-    lrs = (model["encoder_lr"], model["intermediate_lr"], model["aux_lr"], model["head_lr"])
+    assert model["encoder_optimizer"] == head["optimizer"] == "adamw"
+    lrs = (model["encoder_lr"], model["intermediate_lr"], model["aux_lr"], head["lr"])
     assert lrs == pytest.approx(want["lrs"])
-    assert model["encoder_weight_decay"] == 0.01 and model["head_weight_decay"] == 1e-4
+    assert model["encoder_weight_decay"] == 0.01 and head["weight_decay"] == 1e-4
     assert model["warmup_steps"] == 1000 and model["lr_schedule"] == "cosine"
     assert config["seed_everything"] == 42 and config["monitor"] == "val/P@3"
     assert trainer["max_epochs"] == want["epochs"] and trainer["precision"] == "16-mixed"
@@ -185,8 +187,10 @@ def test_bibtex_fast_dev_run_and_overfit_fragment(tmp_path):
 
 def test_fragments_combine(tiny_raw, tiny_encoder_dir, tmp_path):
     base = ["--config", _config("wiki10-31k"), *_paper_overrides(tiny_raw, tiny_encoder_dir, tmp_path, "wiki10-31k")]
-    dense = cli([*base, "--config", _fragment("dense-head"), "--trainer.precision", "32-true"], run=False)
+    dense = cli([*base, "--model.head.lr", "0.003", "--config", _fragment("dense-head"), "--trainer.precision",
+                 "32-true"], run=False)
     assert isinstance(dense.model.head, torch.nn.Linear) and dense.model.head.out_features == 12
+    assert dense.model.head.optimizer_settings.lr == 0.003  # the head's optimizer settings carry over
     assert not any(type(cb).__name__ == "DynamicSparseTraining" for cb in dense.trainer.callbacks)
     bf16 = cli([*base, "--config", _fragment("bf16-mixed")], run=False)
     assert bf16.trainer.precision == "bf16-mixed"

@@ -185,11 +185,12 @@ def xmc_module():
     import functools
 
     from xmc_dst.encoders import BagOfWordsEncoder
+    from xmc_dst.heads import FixedFanInHead
     from xmc_dst.model import XMCModule
 
     torch.manual_seed(0)  # the encoder's initial weights; the head has its own seed
     return XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=12), num_labels=LABELS,
-                     num_features=FEATURES, fan_in=6, ks=KS, seed=0)
+                     num_features=FEATURES, head=functools.partial(FixedFanInHead, fan_in=6), ks=KS, seed=0)
 
 
 def reference_metrics(module, docs) -> dict[str, float]:

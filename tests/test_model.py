@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from callbacks.clusters import ClusterFileError, load_cluster_file
+from xmc_dst.clusters import ClusterFileError, load_cluster_file
 from xmc_dst.encoders import BagOfWordsEncoder, EncoderInputs, TransformerEncoder, masked_mean
+from xmc_dst.heads import DenseHead, FixedFanInHead, HeadOptimizer
 from xmc_dst.losses import squared_hinge
-from xmc_dst.model import XMCModule, top_k
+from xmc_dst.model import XMCModule, migrate_hparams, top_k
 from xmc_dst.optim import GroupwiseOptimizer, schedule_lambda, split_no_decay
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -267,10 +269,14 @@ def test_bag_of_words_matches_dense_product():
 # ---------------------------------------------------------------------------------------------- module
 
 
-def _bow_module(head="sparse", **kwargs) -> XMCModule:
+HEADS = {"sparse": FixedFanInHead, "dense": DenseHead}
+
+
+def _bow_module(head="sparse", fan_in=3, head_args=None, **kwargs) -> XMCModule:
     torch.manual_seed(0)
+    head_args = dict(head_args or {}, **({"fan_in": fan_in} if head == "sparse" else {}))
     defaults = dict(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6),
-                    num_labels=11, num_features=20, fan_in=3, head=head, seed=0)
+                    num_labels=11, num_features=20, head=functools.partial(HEADS[head], **head_args), seed=0)
     defaults.update(kwargs)
     return XMCModule(**defaults)
 
@@ -405,9 +411,9 @@ def _fit(module, batches, tmp_path, **trainer_kwargs):
 
 
 def test_configure_optimizers_groups_and_schedules(tmp_path):
-    module = _bow_module(intermediate_dim=5, aux_clusters=2, head_optimizer="sgd", encoder_lr=1e-3, head_lr=0.1,
-                         intermediate_lr=0.02, aux_lr=5e-4, warmup_steps=2, head_warmup_steps=0,
-                         head_lr_schedule="constant")
+    module = _bow_module(intermediate_dim=5, aux_clusters=2, encoder_lr=1e-3, intermediate_lr=0.02, aux_lr=5e-4,
+                         warmup_steps=2, head_args=dict(optimizer="sgd", lr=0.1, warmup_steps=0,
+                                                        lr_schedule="constant"))
     trainer, dm = _fit(module, [_bow_batch(i) for i in range(5)], tmp_path, max_epochs=2)
     trainer.fit(module, datamodule=dm)
     optimizer = trainer.optimizers[0]
@@ -492,7 +498,7 @@ def test_dense_and_sparse_heads_learn_a_separable_problem(tmp_path):
         })
     encoder = functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=16)
     for head in ("sparse", "dense"):
-        module = _bow_module(head, encoder=encoder, fan_in=8, head_lr=0.05, encoder_lr=0.02, warmup_steps=0,
+        module = _bow_module(head, encoder=encoder, fan_in=8, head_args={"lr": 0.05}, encoder_lr=0.02, warmup_steps=0,
                              lr_schedule="constant", loss="bce")
         trainer, dm = _fit(module, batches, tmp_path, max_epochs=12, limit_val_batches=8)
         trainer.fit(module, datamodule=dm)
@@ -501,9 +507,10 @@ def test_dense_and_sparse_heads_learn_a_separable_problem(tmp_path):
 
 def test_hparams_are_portable_for_python_built_modules(tiny_encoder_dir):
     module = XMCModule(encoder=functools.partial(TransformerEncoder, pooling="cls"), num_labels=7,
-                       tokenizer=str(tiny_encoder_dir), fan_in=4)
+                       tokenizer=str(tiny_encoder_dir), head=functools.partial(FixedFanInHead, fan_in=4))
     assert module.hparams["encoder"] == {"class_path": "xmc_dst.encoders.TransformerEncoder",
                                          "init_args": {"pooling": "cls"}}
+    assert module.hparams["head"] == {"class_path": "xmc_dst.heads.FixedFanInHead", "init_args": {"fan_in": 4}}
     assert module.encoder.pooling == "cls" and module.head.out_features == 7
     assert math.isclose(module.hparams["encoder_lr"], 1e-5)
 
@@ -546,3 +553,32 @@ def test_resuming_a_checkpoint_of_another_label_space_fails_with_the_fix(tmp_pat
     same = _bow_module()
     same.on_load_checkpoint(checkpoint)  # the matching module accepts it
     assert same.label_names == checkpoint["label_names"]
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_checkpoints_of_the_layout_before_head_components_load_and_predict_as_then(kind):
+    """``legacy-*-head.ckpt`` were written by the code before the head was a component (``head: sparse|dense``,
+    ``fan_in``, ``head_lr``, ...), ``legacy-head-logits.pt`` holds that code's outputs on a batch."""
+    path = DATA / f"legacy-{kind}-head.ckpt"
+    saved = torch.load(path, weights_only=True)["hyper_parameters"]
+    assert saved["head"] == kind and "head_lr" in saved  # the old layout indeed
+    reference = torch.load(DATA / "legacy-head-logits.pt", weights_only=True)
+    restored = XMCModule.load_from_checkpoint(path, map_location="cpu").eval()
+    with torch.no_grad():
+        assert torch.equal(restored(reference["batch"]), reference["logits"][kind])
+    assert restored.head.optimizer_settings == HeadOptimizer(
+        saved["head_optimizer"], saved["head_lr"], saved["head_weight_decay"], saved["momentum"],
+        saved["head_warmup_steps"], saved["head_lr_schedule"])
+    if kind == "sparse":
+        assert isinstance(restored.head, FixedFanInHead) and restored.head.fan_in == saved["fan_in"] == 3
+        assert restored.head.impl == saved["head_impl"] == "csr"
+    else:
+        assert type(restored.head) is DenseHead
+    migrated = migrate_hparams(saved)
+    assert not {"fan_in", "head_impl", "head_lr", "head_optimizer"} & set(migrated)
+    assert migrate_hparams(migrated) == migrated  # today's form comes back unchanged
+    with pytest.raises(ValueError, match="neither 'sparse' nor 'dense'"):
+        migrate_hparams({**saved, "head": "grouped"})

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from callbacks import DynamicSparseTraining, FiniteLossGuard, RestoreLoaderPosition
 from datamodules.base import ResumableDataLoader
 from xmc_dst.encoders import BagOfWordsEncoder
+from xmc_dst.heads import FixedFanInHead
 from xmc_dst.model import XMCModule
 
 FEATURES, LABELS = 30, 25
@@ -79,8 +80,9 @@ def overflow_run(device: str, max_steps: int = 40, dst: DynamicSparseTraining | 
                  loader: type[DataLoader] = DataLoader) -> tuple[XMCModule, StepProbe, FiniteLossGuard]:
     torch.manual_seed(0)
     module = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=16, hidden_dim=12),
-                       num_labels=LABELS, num_features=FEATURES, fan_in=6, intermediate_dim=16, seed=0,
-                       warmup_steps=0, lr_schedule="constant", encoder_lr=1e-2, head_lr=1e-2)
+                       num_labels=LABELS, num_features=FEATURES, head=functools.partial(FixedFanInHead, fan_in=6,
+                                                                                         lr=1e-2),
+                       intermediate_dim=16, seed=0, warmup_steps=0, lr_schedule="constant", encoder_lr=1e-2)
     scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 40, growth_interval=10_000)  # far too large for fp16
     probe, guard = StepProbe(), FiniteLossGuard(action="stop", max_consecutive=max_steps)
     callbacks = [guard, *([dst] if dst is not None else []), *(extra or []), probe]  # the probe last: sees every change
@@ -139,8 +141,9 @@ def test_bf16_mixed_on_cpu_trains_the_shipped_bibtex_with_finite_loss(tmp_path) 
     data = Bibtex(batch_size=128, eval_batch_size=256)
     torch.manual_seed(0)
     module = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=64, hidden_dim=0),
-                       num_labels=data.num_labels, num_features=data.num_features, fan_in=16, seed=0,
-                       warmup_steps=0, encoder_lr=1e-2, head_lr=1e-2)
+                       num_labels=data.num_labels, num_features=data.num_features,
+                       head=functools.partial(FixedFanInHead, fan_in=16, lr=1e-2), seed=0, warmup_steps=0,
+                       encoder_lr=1e-2)
     initial = module.head.weight.detach().clone()
     losses: list[float] = []
 
@@ -178,13 +181,13 @@ def test_dst_schedule_counts_only_applied_steps_and_regrows_from_the_applied_ste
     import callbacks.dst as dst_module
 
     seen: list[tuple[int, bool]] = []
-    real = dst_module.gradient_candidates
+    real = dst_module.GradientScores
 
     def spy(x, dy, *args, **kwargs):
         seen.append((x.shape[0], bool(torch.isfinite(dy).all() and torch.isfinite(x).all())))
         return real(x, dy, *args, **kwargs)
 
-    monkeypatch.setattr(dst_module, "gradient_candidates", spy)
+    monkeypatch.setattr(dst_module, "GradientScores", spy)
     dst = DynamicSparseTraining(interval=3, start=0, end_step=40, threshold=0.05, seed=0, regrow="gradient")
     module, probe, guard = overflow_run("cpu", max_steps=40, dst=dst)
     skipped = guard.skipped

@@ -37,6 +37,7 @@ from callbacks import (
 )
 from datamodules.base import EpochRandomSampler, ResumableDataLoader
 from xmc_dst.encoders import TransformerEncoder
+from xmc_dst.heads import FixedFanInHead
 from xmc_dst.model import XMCModule
 
 BATCHES_PER_EPOCH, EPOCHS = 10, 2  # 40 training documents, batch 4: 20 optimizer steps
@@ -93,8 +94,9 @@ def make_run(data_dir: Path, encoder_dir: Path, root: Path, *extra: L.Callback, 
     data.prepare_data()
     data.setup("fit")
     model = XMCModule(encoder=functools.partial(TransformerEncoder, pooling="mean", dropout=0.2),
-                      num_labels=data.num_labels, tokenizer=str(encoder_dir), fan_in=4, intermediate_dim=8,
-                      aux_clusters=2, encoder_lr=3e-3, head_lr=3e-2, aux_lr=3e-2, warmup_steps=3, loss="bce",
+                      num_labels=data.num_labels, tokenizer=str(encoder_dir),
+                      head=functools.partial(FixedFanInHead, fan_in=4, lr=3e-2), intermediate_dim=8,
+                      aux_clusters=2, encoder_lr=3e-3, aux_lr=3e-2, warmup_steps=3, loss="bce",
                       loss_reduction="batch_mean")
     dst = DynamicSparseTraining(interval=4, end=1.0, threshold=0.05, seed=None)
     aux = AuxiliaryObjective(alpha=0.4, cutoff_step=AUX_CUTOFF, build_clusters=False)

@@ -8,7 +8,7 @@ from test_triton import check_against_oracle
 
 from callbacks import DynamicSparseTraining
 from callbacks.dst import find_sparse_layers
-from callbacks.regrowth import EverActive
+from xmc_dst.regrowth import EverActive
 from xmc_dst.sparse import FixedFanInLinear, triton_problem
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.is_available() and triton_problem(torch.device("cuda"))

@@ -44,7 +44,7 @@ from callbacks.oom import OutOfMemoryAdvisor
 from callbacks.resume import LastCheckpoint, RandomStateCheckpoint, RestoreLoaderPosition
 from datamodules.base import XMCDataModule
 from xmc_dst.inference import JsonLinesPredictionWriter
-from xmc_dst.model import XMCModule
+from xmc_dst.model import XMCModule, migrate_hparams, saved_hparams
 
 __all__ = ["EXTRA_SUBCOMMANDS", "XMCLightningCLI", "cli", "configuration_error", "main", "metrics_table",
            "register_subcommand"]
@@ -190,6 +190,17 @@ class XMCLightningCLI(LightningCLI):
             init_args["version"] = version
             log.info("resuming %s/%s/version_%d from its last checkpoint", save_dir, name, version)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the model's hyperparameters from ``--ckpt_path`` into the config; those of a checkpoint
+        written before the head was a component are migrated first (:func:`xmc_dst.model.migrate_hparams`)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        hparams = saved_hparams(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
+        if not hparams:
+            return
+        hparams.pop("_instantiator", None)
+        self.config = self.parser.parse_object({subcommand: {"model": migrate_hparams(hparams)}}, self.config)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add what an exact resume needs (random states, the loader position) and a rich progress bar (unless the
         config has a progress bar or disables it)."""
@@ -247,7 +258,7 @@ def cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> X
     return XMCLightningCLI(XMCModule, XMCDataModule, args=None if args is None else list(args), run=run, **kwargs)
 
 
-register_subcommand("estimate-memory", "xmc_dst.memory:estimate_memory_main",
+register_subcommand("estimate-memory", "xmc_dst.estimate:estimate_memory_main",
                     "predict training memory of a config, dense and sparse head side by side")
 
 

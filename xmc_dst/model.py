@@ -4,8 +4,9 @@ Pieces and where they come from:
 
 * the encoder is built from a factory (see :mod:`xmc_dst.encoders`) with what the data provides (tokenizer or number
   of features), so a config names the encoder once and the DataModule's tokenizer reaches it by an argument link;
-* the head is :class:`xmc_dst.sparse.FixedFanInLinear` (``head: sparse``) or ``nn.Linear`` (``head: dense``), the
-  same interface; dynamic sparse training rewires ``self.head`` from a callback;
+* the head is built from a factory too (see :mod:`xmc_dst.heads`: the fixed fan-in sparse head, the dense baseline),
+  given the width of the layer below, the label count and the seeded generator; it carries its own optimizer
+  settings; dynamic sparse training rewires ``self.head`` from a callback;
 * an optional auxiliary head (a meta-classifier over label clusters) adds ``alpha * aux`` to ``(1 - alpha) * main``;
   a callback sets :attr:`XMCModule.aux_alpha` and finally calls :meth:`XMCModule.remove_aux_head`;
 * losses come from :mod:`xmc_dst.losses` (sparse positives, no dense targets), optimisation from
@@ -17,27 +18,27 @@ Pieces and where they come from:
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from pathlib import Path
+from typing import IO, Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from callbacks.clusters import ClusterNamesNeeded, count_clusters, load_cluster_file
+from xmc_dst.clusters import ClusterNamesNeeded, count_clusters, load_cluster_file
+from xmc_dst.components import factory_spec, resolve_factory
 from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation
+from xmc_dst.heads import FixedFanInHead, HeadFactory, HeadOptimizer, InputTooNarrow
 from xmc_dst.losses import LossName, Reduction, bce_with_logits, rows_of, xmc_loss
 from xmc_dst.metrics import XMCMetrics, inverse_propensity, mask_reciprocal_logits
 from xmc_dst.optim import Algorithm, GroupwiseOptimizer, Schedule, drop_parameters, schedule_lambda, split_no_decay
-from xmc_dst.sparse import FixedFanInLinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XMCModule", "top_k"]
+__all__ = ["XMCModule", "migrate_hparams", "top_k"]
 
 CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -53,42 +54,54 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return scores, ids
 
 
-def _check_fan_in(fan_in: int, features: int, intermediate_dim: int) -> None:
-    """A sparse head reads ``fan_in`` distinct inputs per label: more than its input width cannot be built. Fail at
-    construction, naming the width's source and both fixes, rather than silently shrinking the configured fan-in."""
-    if 1 <= fan_in <= features:
-        return
-    if fan_in < 1:
-        raise ValueError(f"model.fan_in must be at least 1, got {fan_in}")
+def _narrow_input_message(error: InputTooNarrow, intermediate_dim: int) -> str:
+    """A head that cannot read its input width (e.g. ``fan_in`` above it): name the width's source and both fixes,
+    rather than silently shrinking the configured head."""
+    needed, width, argument = error.needed, error.available, error.argument
     source = f"intermediate_dim={intermediate_dim}" if intermediate_dim > 0 else "the encoder's output width"
-    widen = (f"raise model.intermediate_dim to at least {fan_in}" if intermediate_dim > 0 else
-             f"add an intermediate layer with model.intermediate_dim >= {fan_in}")
-    raise ValueError(f"model.fan_in={fan_in} is larger than the {features} inputs of the sparse head ({source}): "
-                     f"set model.fan_in <= {features}, or {widen}")
+    widen = (f"raise model.intermediate_dim to at least {needed}" if intermediate_dim > 0 else
+             f"add an intermediate layer with model.intermediate_dim >= {needed}")
+    return (f"model.head {argument}={needed} is larger than the {width} inputs of the head ({source}): set "
+            f"model.head.init_args.{argument} <= {width}, or {widen}")
 
 
-def _factory_spec(factory: Any) -> dict[str, Any] | None:
-    """``{"class_path", "init_args"}`` of a class or ``functools.partial`` of a class with keyword arguments only."""
-    func, kwargs = factory, {}
-    if isinstance(factory, functools.partial):
-        if factory.args:
-            return None
-        func, kwargs = factory.func, dict(factory.keywords)
-    if not isinstance(func, type):
+# Hyperparameters of checkpoints written before the head was a component (``head: sparse|dense`` and these keys).
+LEGACY_HEAD_KEYS = {"fan_in": "fan_in", "head_impl": "impl", "head_optimizer": "optimizer", "head_lr": "lr",
+                    "head_weight_decay": "weight_decay", "head_warmup_steps": "warmup_steps",
+                    "head_lr_schedule": "lr_schedule"}
+LEGACY_HEADS = {"sparse": "xmc_dst.heads.FixedFanInHead", "dense": "xmc_dst.heads.DenseHead"}
+
+
+def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyperparameters in today's form: the old ``head: sparse|dense`` with flat ``fan_in``,
+    ``head_*`` keys (and the shared ``momentum``) become the head's ``class_path``/``init_args``, with the values the
+    old code used for missing keys. Today's hyperparameters come back unchanged."""
+    kind = hparams.get("head")
+    if not isinstance(kind, str) and not any(key in hparams for key in LEGACY_HEAD_KEYS):
+        return dict(hparams)
+    kind = kind or "sparse"
+    if kind not in LEGACY_HEADS:
+        raise ValueError(f"the checkpoint's head {kind!r} is neither 'sparse' nor 'dense': pass the head to build "
+                         "(head={'class_path': 'xmc_dst.heads.FixedFanInHead', 'init_args': {...}})")
+    old = {"head_optimizer": "adamw", "head_lr": 1e-2, "head_weight_decay": 1e-4, "fan_in": 64, "head_impl": "auto",
+           **{key: hparams[key] for key in LEGACY_HEAD_KEYS if key in hparams}}
+    init_args = {new: old[key] for key, new in LEGACY_HEAD_KEYS.items() if key in old}
+    init_args["momentum"] = hparams.get("momentum", 0.9)
+    if kind == "dense":
+        del init_args["fan_in"], init_args["impl"]
+    migrated = {key: value for key, value in hparams.items() if key not in LEGACY_HEAD_KEYS}
+    migrated["head"] = {"class_path": LEGACY_HEADS[kind], "init_args": init_args}
+    return migrated
+
+
+def saved_hparams(path: str | Path) -> dict[str, Any] | None:
+    """The hyperparameters of a checkpoint file (read memory-mapped, weights only), None where they cannot be read."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - not loadable this way: the caller goes on without them
         return None
-    return {"class_path": f"{func.__module__}.{func.__qualname__}", "init_args": kwargs}
-
-
-def _resolve_factory(factory: Any) -> EncoderFactory:
-    """The encoder factory, also from a ``{"class_path", "init_args"}`` dict."""
-    if isinstance(factory, Mapping):
-        module, _, name = str(factory["class_path"]).rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return functools.partial(cls, **dict(factory.get("init_args", {})))
-    if not callable(factory):
-        raise TypeError(f"encoder must be an encoder class, a functools.partial of one or a class_path dict; "
-                        f"got {type(factory).__name__}")
-    return factory
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    return dict(hparams) if isinstance(hparams, Mapping) else None
 
 
 class XMCModule(L.LightningModule):
@@ -103,32 +116,30 @@ class XMCModule(L.LightningModule):
             are read from there unless the encoder names ``pretrained``.
         num_features: number of bag-of-words features (linked from a BoW DataModule).
         pretrained_weights: load the encoder's pretrained weights (False when a checkpoint provides all weights).
-        head: ``sparse`` (fixed fan-in) or ``dense`` (``nn.Linear``, the baseline).
-        fan_in: inputs per label of the sparse head, at most its input width (``intermediate_dim``, else the
-            encoder's output width); a larger value fails at construction.
-        head_impl: implementation of the sparse head (``auto``, ``kernel``, ``csr``, ``embedding_bag``, ``triton``).
+        head: head factory: a head class of :mod:`xmc_dst.heads` (``FixedFanInHead``, ``DenseHead``) with its
+            arguments, optimizer settings included (a ``functools.partial`` or a ``{"class_path", "init_args"}``
+            dict; in yaml a ``class_path`` and its ``init_args``); called with the head's input width, the number of
+            labels and the seeded generator. Default: ``FixedFanInHead`` with its defaults. A head whose arguments
+            do not fit its input width (``fan_in`` above it) fails at construction.
         intermediate_dim: width of a dense layer between the encoder and the head (0: none).
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
         aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
-        aux_cluster_file: ``.npy`` label -> cluster assignment (see :func:`callbacks.clusters.load_cluster_file`);
+        aux_cluster_file: ``.npy`` label -> cluster assignment (see :func:`xmc_dst.clusters.load_cluster_file`);
             without it, labels are assigned to ``aux_clusters`` contiguous blocks of label ids until a callback calls
             :meth:`set_label_clusters`.
         loss: ``squared_hinge`` (the paper's) or ``bce``.
         loss_reduction: ``auto`` (the authors' normalisation for the loss), ``sum``, ``mean``, ``batch_mean``.
         encoder_optimizer: ``adamw`` or ``sgd`` for the encoder, the intermediate layer and the auxiliary head.
         encoder_lr, encoder_weight_decay: encoder learning rate and weight decay (none on biases and norms).
-        intermediate_lr: learning rate of the intermediate layer (default: ``head_lr``).
+        intermediate_lr: learning rate of the intermediate layer (default: the head's).
         aux_lr: learning rate of the auxiliary head.
-        head_optimizer: ``adamw`` or ``sgd`` (with ``momentum``) for the label head.
-        head_lr, head_weight_decay: head learning rate and weight decay.
-        momentum: momentum of SGD groups.
+        momentum: momentum of those SGD groups (the head has its own).
         warmup_steps, lr_schedule: linear warmup (optimizer steps) and then ``cosine``/``linear`` decay to 0 at the
-            end of training or ``constant``, for the encoder side.
-        head_warmup_steps, head_lr_schedule: the same for the head (default: as the encoder side).
+            end of training or ``constant``; the head's unless it sets its own.
         ks: the k of the P@k/nDCG@k/PSP@k/PSnDCG@k metrics.
         predict_k: labels returned per document by ``predict_step``.
-        seed: seed of the sparse head's initial topology and weights (None: the global RNG).
+        seed: seed of the head's initial topology and weights (None: the global RNG).
     """
 
     def __init__(
@@ -138,9 +149,7 @@ class XMCModule(L.LightningModule):
         tokenizer: str | None = None,
         num_features: int | None = None,
         pretrained_weights: bool = True,
-        head: Literal["sparse", "dense"] = "sparse",
-        fan_in: int = 64,
-        head_impl: Literal["auto", "kernel", "csr", "embedding_bag", "triton"] = "auto",
+        head: HeadFactory | None = None,
         intermediate_dim: int = 0,
         intermediate_activation: Activation = "identity",
         aux_clusters: int = 0,
@@ -152,14 +161,9 @@ class XMCModule(L.LightningModule):
         encoder_weight_decay: float = 0.01,
         intermediate_lr: float | None = None,
         aux_lr: float = 5e-4,
-        head_optimizer: Algorithm = "adamw",
-        head_lr: float = 1e-2,
-        head_weight_decay: float = 1e-4,
         momentum: float = 0.9,
         warmup_steps: int = 1000,
         lr_schedule: Schedule = "cosine",
-        head_warmup_steps: int | None = None,
-        head_lr_schedule: Schedule | None = None,
         ks: Sequence[int] = (1, 3, 5),
         predict_k: int = 5,
         seed: int | None = None,
@@ -167,15 +171,13 @@ class XMCModule(L.LightningModule):
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be positive, got {num_labels}")
-        if head not in ("sparse", "dense"):
-            raise ValueError(f"head must be 'sparse' or 'dense', got {head!r}")
         if loss not in ("bce", "squared_hinge"):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
         self.save_hyperparameters()
-        self._make_hparams_portable(encoder)
+        self._make_hparams_portable(encoder=encoder, head=head)
 
         inputs = EncoderInputs(tokenizer=tokenizer, num_features=num_features, pretrained_weights=pretrained_weights)
-        self.encoder = _resolve_factory(encoder)(inputs)
+        self.encoder = resolve_factory(encoder, "encoder")(inputs)
         features = int(self.encoder.output_dim)
         if intermediate_dim > 0:
             self.intermediate = nn.Sequential(nn.Linear(features, intermediate_dim),
@@ -184,14 +186,7 @@ class XMCModule(L.LightningModule):
         else:
             self.intermediate = None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        if head == "sparse":
-            _check_fan_in(fan_in, features, intermediate_dim)
-            self.head = FixedFanInLinear(features, num_labels, fan_in, impl=head_impl, generator=generator)
-        else:
-            self.head = nn.Linear(features, num_labels)
-            with torch.no_grad():  # the authors' dense baseline: N(0, 0.02) weights
-                self.head.weight.normal_(0.0, 0.02, generator=generator)
-                self.head.bias.zero_()
+        self.head = self._build_head(head, features, num_labels, generator, intermediate_dim)
 
         self.aux_alpha: float = 0.0
         self._clusters_pending = False
@@ -218,17 +213,32 @@ class XMCModule(L.LightningModule):
         self._filter_on_val = False
         self.last_test_metrics: dict[str, float] = {}
 
-    def _make_hparams_portable(self, encoder: Any) -> None:
-        """Outside the CLI, store the encoder factory as a class_path dict so that checkpoints hold only plain data
+    @staticmethod
+    def _build_head(head: Any, features: int, num_labels: int, generator: torch.Generator | None,
+                    intermediate_dim: int) -> nn.Module:
+        try:
+            module = resolve_factory(head if head is not None else FixedFanInHead, "head")(features, num_labels,
+                                                                                         generator)
+        except InputTooNarrow as error:
+            raise ValueError(_narrow_input_message(error, intermediate_dim)) from error
+        if not isinstance(getattr(module, "optimizer_settings", None), HeadOptimizer):
+            raise TypeError(f"the head {type(module).__name__} has no optimizer_settings (xmc_dst.heads.HeadOptimizer)")
+        return module
+
+    def _make_hparams_portable(self, **factories: Any) -> None:
+        """Outside the CLI, store the factories as class_path dicts so that checkpoints hold only plain data
         (``torch.load(weights_only=True)``) and reload through the same instantiator as CLI checkpoints."""
         if isinstance(self.hparams.get("encoder"), Mapping):
             return
-        spec = _factory_spec(encoder)
-        if spec is None:
-            log.warning("the encoder factory is not a class or a keyword-only partial of one; checkpoints will "
-                        "pickle it (load them with weights_only=False)")
-            return
-        self.hparams["encoder"] = spec
+        for name, factory in factories.items():
+            if factory is None or isinstance(factory, Mapping):
+                continue
+            spec = factory_spec(factory)
+            if spec is None:
+                log.warning("the %s factory is not a class or a keyword-only partial of one; checkpoints will "
+                            "pickle it (load them with weights_only=False)", name)
+                return
+            self.hparams[name] = spec
         self.hparams["ks"] = [int(k) for k in self.hparams["ks"]]
         self.hparams["_instantiator"] = CLI_INSTANTIATOR
 
@@ -318,8 +328,9 @@ class XMCModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """One :class:`~xmc_dst.optim.GroupwiseOptimizer` with a group per part and one ``LambdaLR`` with a lambda
-        per group, stepped every optimizer step (see :mod:`xmc_dst.optim` for why not two optimizers)."""
-        hp = self.hparams
+        per group, stepped every optimizer step (see :mod:`xmc_dst.optim` for why not two optimizers); the head's
+        group takes the head's own settings (``optimizer_settings``)."""
+        hp, head = self.hparams, self.head.optimizer_settings
         side = dict(algorithm=hp.encoder_optimizer, momentum=hp.momentum)
         decay, no_decay = split_no_decay(self.encoder.named_parameters())
         groups = [
@@ -328,14 +339,14 @@ class XMCModule(L.LightningModule):
         ]
         if self.intermediate is not None:
             groups.append(dict(name="intermediate", params=list(self.intermediate.parameters()),
-                               lr=hp.intermediate_lr if hp.intermediate_lr is not None else hp.head_lr,
+                               lr=hp.intermediate_lr if hp.intermediate_lr is not None else head.lr,
                                weight_decay=hp.encoder_weight_decay, **side))
         if self._has_aux_group:
             params = list(self.aux_head.parameters()) if self.aux_head is not None else []
             groups.append(dict(name="aux", params=params, lr=hp.aux_lr, weight_decay=hp.encoder_weight_decay,
                                **side))
-        groups.append(dict(name="head", params=list(self.head.parameters()), lr=hp.head_lr,
-                           weight_decay=hp.head_weight_decay, algorithm=hp.head_optimizer, momentum=hp.momentum))
+        groups.append(dict(name="head", params=list(self.head.parameters()), lr=head.lr, weight_decay=head.weight_decay,
+                           algorithm=head.algorithm, momentum=head.momentum))
         optimizer = GroupwiseOptimizer(groups)
 
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
@@ -343,8 +354,8 @@ class XMCModule(L.LightningModule):
         lambdas = []
         for group in groups:
             is_head = group["name"] == "head"
-            warmup = hp.head_warmup_steps if is_head and hp.head_warmup_steps is not None else hp.warmup_steps
-            schedule = hp.head_lr_schedule if is_head and hp.head_lr_schedule is not None else hp.lr_schedule
+            warmup = head.warmup_steps if is_head and head.warmup_steps is not None else hp.warmup_steps
+            schedule = head.lr_schedule if is_head and head.lr_schedule is not None else hp.lr_schedule
             if total is None:
                 schedule = "constant"  # no known end of training to decay towards
             lambdas.append(schedule_lambda(schedule, warmup, total or 1))
@@ -424,6 +435,16 @@ class XMCModule(L.LightningModule):
         """Store what inference needs besides the weights: label names, tokenizer and data settings."""
         checkpoint["label_names"] = self.label_names
         checkpoint["data_info"] = dict(self.data_info)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path | IO, *args: Any, **kwargs: Any) -> XMCModule:
+        """Lightning's loader; a checkpoint written before the head was a component gets its head hyperparameters
+        migrated (:func:`migrate_hparams`) unless ``head=`` is given."""
+        if "head" not in kwargs and isinstance(checkpoint_path, (str, Path)):
+            hparams = saved_hparams(checkpoint_path)
+            if hparams is not None and hparams.get("head") != (migrated := migrate_hparams(hparams)).get("head"):
+                kwargs["head"] = migrated["head"]
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights are loaded: a checkpoint of another label space fails here with the fix, not later

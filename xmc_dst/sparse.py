@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -253,6 +253,14 @@ class RewireResult:
         return self.num_pruned / max(1, self.regrown.numel())
 
 
+class RegrowthCandidates(Protocol):
+    """Chosen regrowth inputs for :meth:`FixedFanInLinear.rewire` (e.g. :class:`xmc_dst.regrowth.GradientScores`)."""
+
+    def best_unconnected(self, indices: Tensor, counts: Tensor) -> Tensor:
+        """Per row of ``indices`` [rows, k], ``max(counts)`` distinct inputs absent from the row, best first."""
+        ...
+
+
 class FixedFanInLinear(nn.Module):
     """A linear layer in which every output reads exactly ``fan_in`` of the inputs.
 
@@ -377,8 +385,10 @@ class FixedFanInLinear(nn.Module):
 
     @torch.no_grad()
     def rewire(self, mode: Literal["threshold", "fraction"], amount: float, generator: torch.Generator | None = None,
-               init: Literal["zero", "uniform"] = "zero") -> RewireResult:
-        """Prune weak connections per row by magnitude and regrow as many at random inputs (SET).
+               init: Literal["zero", "uniform"] = "zero",
+               candidates: RegrowthCandidates | None = None) -> RewireResult:
+        """Prune weak connections per row by magnitude and regrow as many, at random inputs (SET) or at the best
+        ``candidates`` (RigL).
 
         Args:
             mode: ``threshold`` drops every weight with ``|w| < amount``; ``fraction`` drops the
@@ -386,6 +396,8 @@ class FixedFanInLinear(nn.Module):
             amount: the threshold or the fraction.
             generator: random source of the regrown inputs (deterministic for a given generator state).
             init: value of the regrown weights: ``zero`` or ``uniform`` in ``+-1/sqrt(fan_in)``.
+            candidates: regrowth scores of this step (:class:`xmc_dst.regrowth.GradientScores`); each row then takes
+                its best inputs among those it was not connected to, instead of random ones.
 
         New inputs are drawn uniformly among the inputs the row was not connected to before this call, so a rewire
         always changes the topology where it prunes. A row can regrow at most ``in_features - fan_in`` connections;
@@ -394,8 +406,12 @@ class FixedFanInLinear(nn.Module):
         if init not in ("zero", "uniform"):
             raise ValueError(f"init must be 'zero' or 'uniform', got {init!r}")
         prune = prune_mask(self.weight, mode, amount, max_per_row=self.in_features - self.fan_in)
-        sorted_idx, permutation = regrow(self.indices, prune, self.in_features, generator)
-        result = commit_topology(self.weight, self.indices, prune, sorted_idx, permutation)
+        if candidates is None:
+            sorted_idx, permutation = regrow(self.indices, prune, self.in_features, generator)
+            result = commit_topology(self.weight, self.indices, prune, sorted_idx, permutation)
+        else:
+            chosen = candidates.best_unconnected(self.indices, prune.sum(1))
+            result = apply_regrowth(self.weight, self.indices, prune, chosen)
         if init == "uniform":
             fresh = _uniform(self.weight.shape, 1.0 / math.sqrt(self.fan_in), generator, self.weight)
             self.weight.copy_(torch.where(result.regrown, fresh, self.weight))
@@ -563,6 +579,18 @@ def commit_topology(weight: Tensor, indices: Tensor, pruned: Tensor, sorted_indi
     weight.copy_(weight.gather(1, permutation).masked_fill_(regrown, 0.0))
     indices.copy_(sorted_indices.to(indices.dtype))
     return RewireResult(regrown=regrown, permutation=permutation)
+
+
+@torch.no_grad()
+def apply_regrowth(weight: Tensor, indices: Tensor, pruned: Tensor, candidates: Tensor) -> RewireResult:
+    """Replace the ``pruned`` slots of each row by the row's first candidates, zero their weights, re-sort rows.
+
+    ``candidates[r, :n_r]`` (``n_r`` = pruned slots of row ``r``) must be distinct and absent from the row. The
+    pruned slots of a row, left to right, take candidates 0, 1, ...; then each row is sorted and the weights follow.
+    ``weight`` and ``indices`` are updated in place.
+    """
+    sorted_idx, permutation = fill_pruned(indices, pruned, candidates)
+    return commit_topology(weight, indices, pruned, sorted_idx, permutation)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, result: RewireResult) -> int:

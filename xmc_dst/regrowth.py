@@ -1,11 +1,8 @@
-"""Topology helpers of dynamic sparse training that work on any fixed fan-in layer (``weight``/``indices`` [out, k]).
+"""What dynamic sparse training needs beside the fixed fan-in layer's own rewiring (torch only).
 
-* :func:`gradient_candidates` picks, per label, the unconnected inputs with the largest dense-gradient magnitude
-  (RigL's growth criterion) without ever holding the dense ``[out, in]`` gradient: the gradient of a linear layer is
-  ``dy^T x`` and is formed one block of labels at a time.
-* :func:`apply_regrowth` writes chosen inputs into the pruned slots, re-sorts every row and returns a
-  :class:`~xmc_dst.sparse.RewireResult`, so the layer's ``reset_optimizer_state`` moves optimizer state exactly as
-  after its own ``rewire``.
+* :class:`GradientScores` is RigL's growth criterion, handed to ``rewire(..., candidates=...)``: the magnitude of the
+  dense gradient ``|dL/dW|`` of a linear layer, formed from the inputs and output gradients of one step one block of
+  outputs at a time (a linear layer's gradient is ``dy^T x``), so the dense ``[out, in]`` gradient never exists.
 * :class:`EverActive` is the bit-packed "ever active" map behind the in-time over-parameterisation rate (ITOP):
   one bit per possible connection, ``out * ceil(in / 64) * 8`` bytes (670K x 768: 64 MB; a bool map would be 514 MB),
   or the same for a fixed random sample of rows (a sampling estimate at a fraction of the cost).
@@ -16,53 +13,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xmc_dst.sparse import RewireResult, commit_topology, fill_pruned
+__all__ = ["GRADIENT_CHUNK_ELEMENTS", "EverActive", "GradientScores"]
 
 # Elements of one [labels, in] block of the dense gradient: 2**24 fp32 values are 64 MB.
 GRADIENT_CHUNK_ELEMENTS = 1 << 24
 
 
-@torch.no_grad()
-def gradient_candidates(x: Tensor, dy: Tensor, indices: Tensor, counts: Tensor,
-                        chunk_elements: int = GRADIENT_CHUNK_ELEMENTS) -> Tensor:
-    """Per label, the ``max(counts)`` unconnected inputs with the largest ``|dL/dW|``, best first.
+class GradientScores:
+    """Regrowth candidates by dense-gradient magnitude (RigL), from one step's layer inputs and output gradients.
 
     Args:
         x: the layer's inputs [B, in] (all micro-batches of the step, all ranks).
         dy: the loss gradient at the layer's outputs [B, out].
-        indices: current connections [out, k]; they are never candidates.
-        counts: how many inputs each label needs [out]; only labels with ``counts > 0`` are scored.
+        chunk_elements: at most this many fp32 scores exist at a time (one ``[chunk, in]`` block).
 
-    Returns ``[out, max(counts)]`` int64 input ids (rows that need fewer use a prefix). Cost: ``2 * B * out * in``
-    flops (one dense-head forward) and one ``[chunk, in]`` fp32 block of at most ``chunk_elements`` values at a time.
+    A layer whose index rows are its outputs (:class:`~xmc_dst.sparse.FixedFanInLinear`) calls
+    :meth:`best_unconnected`; a layer whose rows stand for several outputs can combine :meth:`block` scores of each
+    row's outputs. Non-finite inputs or gradients (an overflowed fp16 step) score as 0, so the topology stays valid.
     """
-    num_out, in_features = dy.shape[1], x.shape[1]
-    need = int(counts.max()) if counts.numel() else 0
-    result = torch.zeros(num_out, need, dtype=torch.long, device=indices.device)
-    if need == 0:
+
+    def __init__(self, x: Tensor, dy: Tensor, chunk_elements: int = GRADIENT_CHUNK_ELEMENTS) -> None:
+        self.x = torch.nan_to_num(x.float())
+        self.dy_t = dy.float().t()  # [out, B]: a view of fp32 gradients
+        self.in_features, self.num_outputs = x.shape[1], dy.shape[1]
+        self.chunk_rows = max(1, chunk_elements // max(1, self.in_features))
+
+    def block(self, outputs: Tensor) -> Tensor:
+        """``|dL/dW|`` of the given outputs, fp32 ``[len(outputs), in]``."""
+        return (torch.nan_to_num(self.dy_t[outputs]) @ self.x).abs_()
+
+    @torch.no_grad()
+    def best_unconnected(self, indices: Tensor, counts: Tensor) -> Tensor:
+        """Per output row, the ``max(counts)`` inputs with the largest score among those not in ``indices``, best
+        first: ``[out, max(counts)]`` int64 (rows that need fewer use a prefix; rows with ``counts == 0`` are not
+        scored). Cost: ``2 * B * rows * in`` flops, one dense-head forward at most."""
+        need = int(counts.max()) if counts.numel() else 0
+        result = torch.zeros(indices.shape[0], need, dtype=torch.long, device=indices.device)
+        if need == 0:
+            return result
+        rows = counts.nonzero().squeeze(1)
+        for start in range(0, rows.numel(), self.chunk_rows):
+            outputs = rows[start:start + self.chunk_rows]
+            scores = self.block(outputs)
+            scores.scatter_(1, indices[outputs].long(), -1.0)  # connected inputs are never chosen (|g| >= 0 > -1)
+            result[outputs] = scores.topk(need, dim=1, sorted=True).indices
         return result
-    rows = counts.nonzero().squeeze(1)
-    xf = torch.nan_to_num(x.float())  # an overflowed fp16 step (inf/NaN) still gives a valid topology
-    dyt = torch.nan_to_num(dy.float().t()[rows])  # [rows, B]: label rows contiguous for the blocks below
-    chunk = max(1, chunk_elements // max(1, in_features))
-    for start in range(0, rows.numel(), chunk):
-        block = rows[start:start + chunk]
-        scores = (dyt[start:start + chunk] @ xf).abs_()  # [chunk, in] block of the dense gradient
-        scores.scatter_(1, indices[block].long(), -1.0)  # connected inputs are never chosen (|g| >= 0 > -1)
-        result[block] = scores.topk(need, dim=1, sorted=True).indices
-    return result
-
-
-@torch.no_grad()
-def apply_regrowth(weight: Tensor, indices: Tensor, pruned: Tensor, candidates: Tensor) -> RewireResult:
-    """Replace the ``pruned`` slots of each row by the row's first candidates, zero their weights, re-sort rows.
-
-    ``candidates[r, :n_r]`` (``n_r`` = pruned slots of row ``r``) must be distinct and absent from the row. The
-    pruned slots of a row, left to right, take candidates 0, 1, ...; then each row is sorted and the weights follow.
-    ``weight`` and ``indices`` are updated in place.
-    """
-    sorted_idx, permutation = fill_pruned(indices, pruned, candidates)
-    return commit_topology(weight, indices, pruned, sorted_idx, permutation)
 
 
 class EverActive:

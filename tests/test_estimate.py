@@ -1,0 +1,140 @@
+"""The training-memory estimate of a config (xmc_dst.estimate) against hand counts, the live model's tensors and
+what MemoryProfiler measures."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from callbacks import AuxiliaryObjective, MemoryProfiler
+from xmc_dst.estimate import estimate_memory, estimate_memory_main, estimate_memory_parts
+
+HEADS = {"sparse": "xmc_dst.heads.FixedFanInHead", "dense": "xmc_dst.heads.DenseHead"}
+
+
+def bow_batches(num_features: int, num_labels: int, count: int = 4, batch: int = 8) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(num_features, (batch * 6,), generator=g)
+        labels = torch.randint(num_labels, (batch * 2,), generator=g)
+        out.append({"feature_ids": ids, "feature_values": torch.rand(ids.numel(), generator=g),
+                    "feature_offsets": torch.arange(0, ids.numel() + 1, 6),
+                    "label_ids": labels, "label_offsets": torch.arange(0, labels.numel() + 1, 2)})
+    return out
+
+
+@pytest.mark.parametrize("head", ["sparse", "dense"])
+def test_estimate_of_the_static_part_matches_the_profiler(head, tmp_path):
+    from xmc_dst.encoders import BagOfWordsEncoder
+    from xmc_dst.model import XMCModule
+
+    encoder = {"class_path": "xmc_dst.encoders.BagOfWordsEncoder", "init_args": {"embedding_dim": 48,
+                                                                                  "hidden_dim": 40}}
+    spec = {"class_path": HEADS[head], "init_args": {"optimizer": "sgd", **({"fan_in": 8} if head == "sparse" else {})}}
+    hparams = dict(num_labels=700, num_features=300, head=spec, intermediate_dim=24, aux_clusters=16, warmup_steps=0)
+    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=48, hidden_dim=40), **hparams)
+    profiler = MemoryProfiler(print_table=False)
+    aux = AuxiliaryObjective(cutoff_step=100, build_clusters=False)  # the auxiliary head trains (has state)
+    L.Trainer(callbacks=[aux, profiler], max_steps=2, default_root_dir=tmp_path, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              ).fit(model, DataLoader(bow_batches(300, 700), batch_size=None))
+    measured = profiler.report["parts"]
+    estimate = estimate_memory({"model": {"encoder": encoder, **hparams}}, batch_size=8)
+    parts = estimate.parts[head]
+    for name in ("encoder", "intermediate", "aux_head", "head"):
+        got = measured[name]["static"] + (measured["other"]["static"] if name == "aux_head" else 0)
+        assert parts[name].static == pytest.approx(got, rel=0.15), name
+    predicted = sum(p.static for n, p in parts.items() if n != "dst")
+    assert predicted == pytest.approx(profiler.report["static_bytes"], rel=0.15)
+
+
+@pytest.mark.parametrize("head", ["dense", "sparse"])
+def test_optimizer_step_temporary_is_measured_as_estimated(head):
+    """The peak RSS of one GroupwiseOptimizer step over the live tensors (state already created) is the estimate's
+    "optimizer step temporaries": the largest group's size (dense: the 51 MB head; sparse: the 36 MB embedding),
+    not the groups' sum. Every tensor is over glibc's 32 MiB mmap ceiling, so a freed temporary leaves RSS and each
+    step's peak is its own."""
+    from xmc_dst.encoders import BagOfWordsEncoder
+    from xmc_dst.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from xmc_dst.model import XMCModule
+
+    spec = {"class_path": HEADS[head], "init_args": {"fan_in": 8} if head == "sparse" else {}}
+    hparams = dict(num_labels=100_000, num_features=70_000, head=spec, warmup_steps=0)
+    torch.manual_seed(0)
+    model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=128, hidden_dim=0), **hparams)
+    optimizer = model.configure_optimizers()["optimizer"]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer.step()  # creates the moments: the step measured below only makes temporaries
+    if not reset_peak_rss() or rss_bytes() is None:
+        pytest.skip("no resettable peak RSS (/proc/self/clear_refs) here")
+    before = rss_bytes()
+    optimizer.step()
+    measured = peak_rss_bytes() - before
+    encoder = {"class_path": "xmc_dst.encoders.BagOfWordsEncoder", "init_args": {"embedding_dim": 128,
+                                                                                  "hidden_dim": 0}}
+    estimate = estimate_memory({"model": {"encoder": encoder, **hparams}}, batch_size=8)
+    expected = estimate.parts[head]["optimizer step temporaries"].activations
+    largest = max(sum(p.numel() for p in group["params"]) for group in optimizer.param_groups) * 4
+    assert expected == largest  # the estimate's count, from the config alone, is the live model's largest group
+    assert expected == (100_000 * 129 if head == "dense" else 70_000 * 128) * 4
+    assert measured == pytest.approx(expected, abs=4 << 20)  # all groups at once would be 36-51 MB more
+
+
+def test_estimate_counts_a_transformer_exactly_and_compares_heads_at_670k(tiny_encoder_dir):
+    from xmc_dst.encoders import EncoderInputs, TransformerEncoder
+
+    config = {"model": {"class_path": "xmc_dst.model.XMCModule", "init_args": {
+        "encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder", "init_args": {"trainable_layers": 1}},
+        "tokenizer": str(tiny_encoder_dir),
+        "head": {"class_path": "xmc_dst.heads.FixedFanInHead", "init_args": {"fan_in": 32}}}},
+        "trainer": {"precision": "16-mixed", "callbacks": [
+            {"class_path": "callbacks.DynamicSparseTraining", "init_args": {"interval": 100}}]}}
+    estimate = estimate_memory(config, num_labels=670_091, batch_size=4, max_length=16, budget_gib=1.0)
+    real = TransformerEncoder(EncoderInputs(tokenizer=str(tiny_encoder_dir)), trainable_layers=1)
+    total = sum(p.numel() for p in real.parameters())
+    trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
+    encoder = estimate.parts["sparse"]["encoder"]
+    assert encoder.params == 4 * total and encoder.grads == 4 * trainable and encoder.optimizer == 8 * trainable
+    labels, width = 670_091, 32  # the tiny BERT's hidden size is the head's input
+    dense, sparse = estimate.parts["dense"]["head"], estimate.parts["sparse"]["head"]
+    assert dense.static == labels * (width + 1) * 4 * 4  # weights, grads, two AdamW moments
+    assert sparse.static == labels * (min(32, width) + 1) * 4 * 4 + labels * 32 * 4 + 8
+    assert estimate.parts["sparse"]["dst"].buffers == 65_536 * 1 * 8  # sampled ever-active map: ceil(32/64) words
+    assert dense.activations == sparse.activations == 2 * 4 * labels * 4
+    assert estimate.fits("sparse") is (estimate.total("sparse") <= 1 << 30)
+    assert estimate.to_dict()["heads"]["dense"]["total"] == estimate.total("dense")
+
+
+def test_parts_formula_reports_the_budget_verdict():
+    estimate = estimate_memory_parts(num_labels=670_091, head_in=768, fan_in=32, batch_size=32,
+                                     encoder_params=110_000_000, budget_bytes=8 << 30)
+    dense_head = estimate.parts["dense"]["head"].static
+    sparse_head = estimate.parts["sparse"]["head"].static
+    assert dense_head / sparse_head > 15  # the paper's point: a sparse head's training state is ~19x smaller
+    assert estimate.fits("sparse") and not estimate.fits("dense")
+
+
+def test_estimate_memory_command_prints_json_and_fails_over_budget(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("""
+model:
+  encoder: {class_path: xmc_dst.encoders.BagOfWordsEncoder, init_args: {embedding_dim: 32, hidden_dim: 0}}
+  num_labels: 100000
+  num_features: 5000
+  head: {class_path: xmc_dst.heads.FixedFanInHead, init_args: {fan_in: 16}}
+""")
+    assert estimate_memory_main(["--config", str(config), "--json", "--batch-size", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    dense, sparse = report["heads"]["dense"], report["heads"]["sparse"]
+    assert dense["parts"]["head"]["params"] == 100_000 * 33 * 4
+    assert sparse["parts"]["head"]["params"] == 100_000 * 17 * 4
+    assert report["batch_size"] == 16 and dense["fits"] is None
+    assert estimate_memory_main(["--config", str(config), "--budget-gib", "0.001"]) == 1  # the sparse head won't fit
+    assert "does NOT fit" in capsys.readouterr().out

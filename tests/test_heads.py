@@ -1,0 +1,85 @@
+"""Label heads: each is its layer initialised as before, carries its optimizer settings, and a head class of one's
+own plugs into XMCModule (model and optimizer groups) without touching the module."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from xmc_dst.encoders import BagOfWordsEncoder
+from xmc_dst.heads import DenseHead, FixedFanInHead, HeadOptimizer, InputTooNarrow
+from xmc_dst.model import XMCModule
+from xmc_dst.sparse import FixedFanInLinear
+
+
+def test_fixed_fan_in_head_is_the_layer_with_its_settings():
+    head = FixedFanInHead(12, 7, torch.Generator().manual_seed(3), fan_in=4, impl="csr", optimizer="sgd", lr=0.5,
+                          weight_decay=0.0, momentum=0.7, warmup_steps=5, lr_schedule="linear")
+    layer = FixedFanInLinear(12, 7, 4, impl="csr", generator=torch.Generator().manual_seed(3))
+    assert head.state_dict().keys() == layer.state_dict().keys()  # checkpoints name the tensors as the layer does
+    for name, value in layer.state_dict().items():
+        assert torch.equal(head.state_dict()[name], value), name
+    assert head.optimizer_settings == HeadOptimizer("sgd", 0.5, 0.0, 0.7, 5, "linear")
+    with pytest.raises(InputTooNarrow) as info:
+        FixedFanInHead(12, 7, fan_in=13)
+    assert (info.value.argument, info.value.needed, info.value.available) == ("fan_in", 13, 12)
+    with pytest.raises(ValueError, match="fan_in must be at least 1"):
+        FixedFanInHead(12, 7, fan_in=0)
+
+
+def test_dense_head_draws_normal_weights_from_the_generator():
+    head = DenseHead(6, 5, torch.Generator().manual_seed(1), lr=0.2)
+    expected = torch.empty(5, 6).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(head.weight.detach(), expected) and torch.equal(head.bias.detach(), torch.zeros(5))
+    assert isinstance(head, nn.Linear) and head.optimizer_settings == HeadOptimizer(lr=0.2)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(algorithm="adam"), "head optimizer must be one of"),
+    (dict(lr_schedule="step"), "head lr_schedule must be one of"),
+    (dict(lr=-1.0), "non-negative"),
+    (dict(warmup_steps=-2), "non-negative"),
+])
+def test_bad_optimizer_settings_fail_when_the_head_is_built(settings, message):
+    with pytest.raises(ValueError, match=message):
+        HeadOptimizer(**settings)
+
+
+class ScaledHead(nn.Module):
+    """A head the package does not know: a dense layer times a learned scale, with its own optimizer settings."""
+
+    def __init__(self, in_features: int, num_labels: int, generator: torch.Generator | None = None,
+                 lr: float = 0.3) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_labels)
+        self.scale = nn.Parameter(torch.full((), 2.0))
+        self.optimizer_settings = HeadOptimizer(algorithm="sgd", lr=lr, weight_decay=0.0, lr_schedule="constant")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.linear(x)
+
+
+def test_a_new_head_class_plugs_in_without_changing_the_module():
+    module = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6), num_labels=9,
+                       num_features=20, head=functools.partial(ScaledHead, lr=0.25), intermediate_dim=5,
+                       warmup_steps=0)
+    assert module.head.linear.in_features == 5 and module.head.linear.out_features == 9
+    assert module.hparams["head"] == {"class_path": f"{__name__}.ScaledHead", "init_args": {"lr": 0.25}}
+    batch = {"feature_ids": torch.tensor([1, 4, 7]), "feature_values": torch.ones(3),
+             "feature_offsets": torch.tensor([0, 2, 3])}
+    features = module.intermediate(module.encoder(batch))
+    torch.testing.assert_close(module(batch), 2.0 * module.head.linear(features))
+    groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
+    head = groups["head"]
+    assert (head["algorithm"], head["lr"], head["weight_decay"]) == ("sgd", 0.25, 0.0)
+    assert {id(p) for p in head["params"]} == {id(p) for p in module.head.parameters()}
+    assert groups["intermediate"]["lr"] == 0.25  # intermediate_lr=None: the head's learning rate
+
+
+def test_a_head_without_optimizer_settings_is_refused():
+    with pytest.raises(TypeError, match="Linear has no optimizer_settings"):
+        XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6), num_labels=9,
+                  num_features=20, head=lambda features, labels, generator: nn.Linear(features, labels))
