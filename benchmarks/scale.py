@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
                    **estimate_gb(num_labels, variant, args, tokenizer), **run_isolated(spec, args.timeout)}
             rows.append(row)
             print("  " + summary(row), flush=True)
+            write_jsonl(jsonl, rows)  # after every run: a killed benchmark keeps what it measured
     for variant in args.variants:
         rows.append({"type": "estimate", "labels": args.estimate_labels, "variant": variant,
                      "fan_in": None if variant == "dense" else args.fan_in,
@@ -337,13 +338,19 @@ def main(argv: list[str] | None = None) -> None:
                      **estimate_gb(args.estimate_labels, variant, args, tokenizer)})
     meta["loadavg_after"] = os.getloadavg()
     meta["wall_s"] = round(time.perf_counter() - began, 1)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(jsonl, rows)
     write_reports(rows, args.out_dir, tag)
     print(f"done in {meta['wall_s'] / 60:.1f} min; wrote {jsonl} and the md/png next to it")
 
 
 # ---------------------------------------------------------------------------------------------------- reports
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 def summary(row: dict[str, Any]) -> str:

@@ -27,6 +27,10 @@ no inf. Loggers get ``trainer.global_step`` as the step of an update, ``history`
   with the largest ``|dL/dW|``, computed in label blocks from the layer input and output gradient captured by hooks
   registered only for that step (see there for the cost). New weights start at zero; optimizer state follows the
   surviving connections and is zeroed at the regrown slots in every optimizer of the trainer.
+* On a GPU an update never waits for the device: pruning, regrowth (from device generators seeded by the
+  callback's CPU stream), the optimizer-state reset and the ITOP map stay there, and the logged metrics are copied
+  back asynchronously and logged (with their step) at a later batch end once the device got there, or at the end
+  of training; ``dst/update_seconds`` is then the device time between the update's start and end.
 * DDP: all ranks draw from one random stream (seeded identically, the seed broadcast from rank 0) and the gradient
   variant gathers every rank's activations first, so each rank computes the same topology from identical weights;
   with ``verify_sync`` a checksum of indices and weights is compared across ranks after each update.
@@ -164,6 +168,7 @@ class DynamicSparseTraining(L.Callback):
         self._seen_global_step = 0
         self._step_hooks: list[Any] = []
         self.history: list[dict[str, float]] = []  # one entry per update on this process (not checkpointed)
+        self._unlogged: list[_PendingMetrics] = []  # updates whose metrics are still on their way from the device
         self._captures: dict[str, _Capture] = {}
         self._pending: dict[str, Any] | None = None
 
@@ -237,16 +242,19 @@ class DynamicSparseTraining(L.Callback):
         if trainer.global_step == self._seen_global_step:
             return  # no optimizer step yet (gradient accumulation)
         self._seen_global_step = trainer.global_step
+        self.log_finished_updates(trainer)
         step = self.steps
         if step > self.last_update_step and self.is_update_step(step):
             self.update(trainer, step)
         self._drop_captures()  # a skipped step's capture holds inf gradients: capture again for the next step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_finished_updates(trainer, wait=True)
         self._drop_captures()
         self._remove_step_hooks()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.log_finished_updates(trainer)
         self._drop_captures()
         self._remove_step_hooks()
 
@@ -268,41 +276,54 @@ class DynamicSparseTraining(L.Callback):
     # ------------------------------------------------------------------------------------------ update
 
     @torch.no_grad()
-    def update(self, trainer: L.Trainer, step: int) -> dict[str, float]:
-        """Prune and regrow every layer now with the schedule's value at ``step``; return the logged metrics."""
-        began = time.perf_counter()
+    def update(self, trainer: L.Trainer, step: int) -> None:
+        """Prune and regrow every layer now with the schedule's value at ``step``.
+
+        Its metrics reach ``history`` and the loggers at once on CPU; on a GPU once the device has done the work
+        (:meth:`log_finished_updates`), so that the update itself never waits for the device.
+        """
+        pending = _PendingMetrics(step, trainer.global_step, self.layers[0][1].indices.device)
         amount = self.amount_at(step)
-        metrics: dict[str, float] = {self.metric_name: amount}
-        regrown_total = slots_total = ever_total = possible_total = 0
+        counts: dict[str, Tensor] = {}
+        regrown_total: Tensor | int = 0
+        ever_total: Tensor | int = 0
+        slots_total = possible_total = 0
         for name, layer in self.layers:
             result = self._rewire(trainer, name, layer, amount)
             for optimizer in trainer.optimizers:
                 layer.reset_optimizer_state(optimizer, result)
-            regrown_total += result.num_pruned
+            regrown = result.regrown.sum().double()
+            regrown_total = regrown_total + regrown
             slots_total += result.regrown.numel()
             if len(self.layers) > 1:
-                metrics[f"dst/{name}/regrown_fraction"] = result.regrown_fraction
+                counts[f"dst/{name}/regrown_fraction"] = regrown / max(1, result.regrown.numel())
             if self.track_itop:
                 tracker = self.ever_active[name]
                 tracker.add(layer.indices, only=result.regrown)
-                ever_total += tracker.count
+                ever_total = ever_total + tracker.count.double()
                 possible_total += tracker.possible
                 if len(self.layers) > 1:
-                    metrics[f"dst/{name}/itop_rate"] = tracker.rate
+                    counts[f"dst/{name}/itop_rate"] = tracker.count.double() / max(1, tracker.possible)
         self._drop_captures()
         if self.verify_sync:
             self._check_ranks_agree(trainer)
         self.num_updates += 1
         self.last_update_step = step
-        metrics["dst/regrown_fraction"] = regrown_total / max(1, slots_total)
+        counts["dst/regrown_fraction"] = regrown_total / max(1, slots_total)
         if self.track_itop:
-            metrics["dst/itop_rate"] = ever_total / max(1, possible_total)
-        if any(layer.indices.is_cuda for _, layer in self.layers):
-            torch.cuda.synchronize()
-        metrics["dst/update_seconds"] = time.perf_counter() - began
-        self.history.append({"step": float(step), **metrics})
-        log_to_loggers(trainer, metrics, trainer.global_step)  # updates are sparse events
-        return metrics
+            counts["dst/itop_rate"] = ever_total / max(1, possible_total)
+        self._unlogged.append(pending.finish({self.metric_name: amount}, counts))
+        if pending.device.type == "cpu":
+            self.log_finished_updates(trainer, wait=True)
+
+    def log_finished_updates(self, trainer: L.Trainer, wait: bool = False) -> None:
+        """Append to ``history`` and log the metrics of every update whose device work has finished (all with
+        ``wait``), in update order."""
+        while self._unlogged and (wait or self._unlogged[0].ready()):
+            pending = self._unlogged.pop(0)
+            metrics = pending.values()
+            self.history.append({"step": float(pending.step), **metrics})
+            log_to_loggers(trainer, metrics, pending.global_step)
 
     def _rewire(self, trainer: L.Trainer, name: str, layer: nn.Module, amount: float):
         candidates = self._gradient_scores(trainer, name, layer) if self.regrow == "gradient" else None
@@ -376,6 +397,48 @@ class DynamicSparseTraining(L.Callback):
         """Older checkpoints have no DST clock: on_train_start then takes it from the restored global step."""
         if "steps" in state:
             self.steps, self._steps_restored = int(state["steps"]), True
+
+
+class _PendingMetrics:
+    """One update's metrics: host values, and device counts copied back to the host without waiting.
+
+    On CUDA the counts go into pinned host memory with a non-blocking copy behind an event, and the update's device
+    time is measured between two events; elsewhere they are read when asked for (on CPU that costs nothing).
+    """
+
+    def __init__(self, step: int, global_step: int, device: torch.device) -> None:
+        self.step, self.global_step, self.device = step, global_step, device
+        self.began = time.perf_counter()
+        self.host: dict[str, float] = {}
+        self.names: list[str] = []
+        self.counts: Tensor | None = None
+        self.start_event = self.end_event = None
+        if device.type == "cuda":
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+
+    def finish(self, host: dict[str, float], counts: dict[str, Tensor]) -> _PendingMetrics:
+        self.host, self.names = host, list(counts)
+        values = torch.stack([v.reshape(()).double() for v in counts.values()])
+        if self.end_event is not None:
+            self.counts = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.counts.copy_(values, non_blocking=True)
+            self.end_event.record()
+        else:
+            self.counts = values
+            self.seconds = time.perf_counter() - self.began
+        return self
+
+    def ready(self) -> bool:
+        return self.end_event is None or self.end_event.query()
+
+    def values(self) -> dict[str, float]:
+        if self.end_event is not None:
+            self.end_event.synchronize()  # at once when ready(); only a waiting flush (end of training) blocks
+            self.seconds = self.start_event.elapsed_time(self.end_event) / 1000.0
+        counts = dict(zip(self.names, self.counts.tolist(), strict=True))
+        return {**self.host, **counts, "dst/update_seconds": self.seconds}
 
 
 def _in_features(layer: nn.Module) -> int:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import DynamicSparseTraining
 from callbacks.dst import find_sparse_layers
+from xmc_dst.regrowth import EverActive
 from xmc_dst.sparse import FixedFanInLinear
 
 IN, HIDDEN, OUT, FAN_IN = 12, 24, 30, 4
@@ -319,3 +320,20 @@ def test_dst_clock_counts_only_optimizer_steps_that_changed_the_weights(fused):
         moved.append(not torch.equal(weight.detach(), before))
     assert moved == [True, False, False, True]
     assert dst.steps == sum(moved) == 2
+
+
+def test_update_never_reads_device_values():
+    """An update on a 'meta'-device layer (every read of a tensor's values fails there, see test_sparse) runs to the
+    end: on a GPU it queues its work without waiting; its metrics stay pending until the device got there."""
+    from types import SimpleNamespace
+
+    layer = FixedFanInLinear(HIDDEN, OUT, FAN_IN, device="meta")
+    optimizer = torch.optim.Adam(layer.parameters())
+    optimizer.state[layer.weight] = {"exp_avg": torch.zeros_like(layer.weight)}
+    dst = DynamicSparseTraining(interval=1, end_step=10, prune="fraction", seed=0)
+    dst.layers = find_sparse_layers(nn.ModuleDict({"out": layer}))
+    dst.generator = torch.Generator().manual_seed(0)
+    dst.ever_active = {"out": EverActive.sampled(layer.indices, HIDDEN, max_rows=None)}
+    fake = SimpleNamespace(optimizers=[optimizer], world_size=1, global_step=3, loggers=[])
+    dst.update(fake, 3)
+    assert dst.num_updates == 1 and dst.history == [] and len(dst._unlogged) == 1

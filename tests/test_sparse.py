@@ -8,11 +8,21 @@ import pytest
 import torch
 
 from xmc_dst.kernels import load_kernels
-from xmc_dst.sparse import IMPLS, FixedFanInLinear, prune_mask, random_indices, regrow, reset_optimizer_state
+from xmc_dst.sparse import (
+    IMPLS,
+    FixedFanInLinear,
+    prune_mask,
+    random_indices,
+    regrow,
+    reset_optimizer_state,
+    triton_problem,
+)
 
 HAVE_KERNELS = load_kernels() is not None
-impls = [pytest.param(i, marks=pytest.mark.skipif(i == "kernel" and not HAVE_KERNELS, reason="no C compiler"))
-         for i in IMPLS]
+TRITON_PROBLEM = triton_problem(torch.device("cpu"))
+SKIPS = {"kernel": pytest.mark.skipif(not HAVE_KERNELS, reason="no C compiler"),
+         "triton": pytest.mark.skipif(TRITON_PROBLEM is not None, reason=str(TRITON_PROBLEM))}
+impls = [pytest.param(i, marks=SKIPS.get(i, ())) for i in IMPLS]
 regrow_paths = [pytest.param(True, marks=pytest.mark.skipif(not HAVE_KERNELS, reason="no C compiler"), id="kernel"),
                 pytest.param(False, id="torch")]
 
@@ -283,3 +293,20 @@ def test_uniform_regrowth_init_and_bad_mode() -> None:
         lay.rewire("random", 0.1)
     with pytest.raises(ValueError, match="fraction"):
         lay.rewire("fraction", 1.5)
+
+
+@pytest.mark.parametrize("mode,amount,init", [("fraction", 0.3, "zero"), ("threshold", 0.2, "uniform")])
+def test_rewire_and_state_reset_never_read_device_values(mode: str, amount: float, init: str) -> None:
+    """On the 'meta' device every read of a tensor's values fails (``.item()``, ``bool()``, ``.tolist()``,
+    ``nonzero``, boolean indexing, a copy to the host): a rewire and the optimizer-state reset that run there with a
+    CPU generator (as the DST callback passes) would run on a GPU without waiting for it."""
+    layer = FixedFanInLinear(64, 300, 8, device="meta")
+    state = {"exp_avg": torch.zeros_like(layer.weight), "exp_avg_sq": torch.zeros_like(layer.weight)}
+    optimizer = torch.optim.Adam(layer.parameters())
+    optimizer.state[layer.weight] = state
+    result = layer.rewire(mode, amount, torch.Generator().manual_seed(0), init=init)
+    assert layer.reset_optimizer_state(optimizer, result) == 2
+    assert result.regrown.device.type == layer.indices.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):
+        _ = result.num_pruned  # the count reads the device, only when asked for
+

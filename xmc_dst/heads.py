@@ -75,7 +75,7 @@ class FixedFanInHead(FixedFanInLinear):
         in_features, num_labels, generator: given by the model (input width, labels, seeded random source of the
             initial topology and weights).
         fan_in: inputs per label, ``1 <= fan_in <= in_features``.
-        impl: ``auto``, ``kernel``, ``csr`` or ``embedding_bag`` (see :mod:`xmc_dst.sparse`).
+        impl: ``auto``, ``kernel``, ``csr``, ``embedding_bag`` or ``triton`` (see :mod:`xmc_dst.sparse`).
         optimizer, lr, weight_decay, momentum, warmup_steps, lr_schedule: its optimizer settings
             (:class:`HeadOptimizer`).
     """

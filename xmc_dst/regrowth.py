@@ -68,7 +68,7 @@ class EverActive:
     is a sampling estimate: 65,536 of 670K rows cost 6 MB and a tenth of the time, and estimate the rate with a
     standard error below ``0.5 / sqrt(65536 * in)``. Bits are set by adding ``1 << bit`` where the bit is still
     clear (inputs are unique within a row, so additions into one word hit distinct bits), an OR without a bitwise
-    scatter.
+    scatter. ``count`` is a 0-d tensor on the map's device: updating it never waits for a GPU.
     """
 
     def __init__(self, indices: Tensor, in_features: int, rows: Tensor | None = None) -> None:
@@ -76,7 +76,7 @@ class EverActive:
         self.rows = rows.to(indices.device) if rows is not None else None
         num_rows = indices.shape[0] if rows is None else rows.numel()
         self.words = torch.zeros(num_rows, (in_features + 63) // 64, dtype=torch.long, device=indices.device)
-        self.count = 0
+        self.count = torch.zeros((), dtype=torch.long, device=indices.device)
         self.add(indices)
 
     @classmethod
@@ -87,25 +87,29 @@ class EverActive:
         sample = torch.randperm(indices.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
         return cls(indices, in_features, sample.sort().values)
 
-    def add(self, indices: Tensor, only: Tensor | None = None) -> int:
+    def add(self, indices: Tensor, only: Tensor | None = None) -> Tensor:
         """Mark ``indices`` [out, k] as active (only where the bool mask ``only`` is set, e.g. the regrown slots of
-        a rewire: survivors are marked already); return how many tracked connections were new."""
-        if self.words.device != indices.device:
-            self.words = self.words.to(indices.device)
+        a rewire: survivors are marked already); return how many tracked connections were new (a 0-d tensor).
+
+        Every slot is processed and the unwanted ones add zero: no boolean indexing, whose result size would have
+        to be read back from the device.
+        """
+        if self.words.device != indices.device:  # once, after a checkpoint restored the map on CPU
+            self.words, self.count = self.words.to(indices.device), self.count.to(indices.device)
         if self.rows is not None:
             self.rows = self.rows.to(indices.device)
-            indices = indices[self.rows]
-            only = only[self.rows] if only is not None else None
-        if only is None:
-            only = torch.ones_like(indices, dtype=torch.bool)
-        rows = only.nonzero()[:, 0]
-        idx = indices[only].long()
-        flat = rows * self.words.shape[1] + (idx >> 6)
-        bit = idx & 63
+            indices = indices.index_select(0, self.rows)
+            only = only.index_select(0, self.rows) if only is not None else None
+        idx = indices.long()
+        row = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        flat = (row * self.words.shape[1] + (idx >> 6)).reshape(-1)
+        bit = (idx & 63).reshape(-1)
         words = self.words.view(-1)
         fresh = ((words[flat] >> bit) & 1) == 0
-        words.index_add_(0, flat[fresh], torch.ones_like(bit[fresh]) << bit[fresh])
-        added = int(fresh.sum())
+        if only is not None:
+            fresh &= only.reshape(-1)
+        words.index_add_(0, flat, fresh.long() << bit)
+        added = fresh.sum()
         self.count += added
         return added
 
@@ -116,16 +120,17 @@ class EverActive:
 
     @property
     def rate(self) -> float:
-        return self.count / float(self.possible)
+        return int(self.count) / float(self.possible)
 
     def state_dict(self) -> dict:
-        return {"words": self.words.cpu(), "count": self.count, "in_features": self.in_features,
+        return {"words": self.words.cpu(), "count": int(self.count), "in_features": self.in_features,
                 "rows": self.rows.cpu() if self.rows is not None else None}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> EverActive:
         obj = cls.__new__(cls)
-        obj.words, obj.count, obj.in_features = state["words"], int(state["count"]), int(state["in_features"])
+        obj.words, obj.in_features = state["words"], int(state["in_features"])
+        obj.count = torch.tensor(int(state["count"]), dtype=torch.long, device=obj.words.device)
         obj.rows = state.get("rows")
         return obj
 

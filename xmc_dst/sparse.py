@@ -15,11 +15,16 @@ Implementations (``impl``), all checked against the same naive gather oracle in 
   the input gradient with the transposed CSR product, blocked by labels so each block's output gradient stays in
   cache. Works on CPU and CUDA.
 * ``embedding_bag``: portable fallback built on ``embedding_bag`` and chunked gathers; any device.
+* ``triton``: Triton kernels (``triton_fan_in.py``, the optional ``triton`` extra) that read fp32/fp16/bf16 inputs as
+  they arrive and accumulate in fp32; CUDA (on CPU only through Triton's interpreter, for tests).
 
-``auto`` picks ``kernel`` on CPU where the kernels build, ``csr`` on CUDA, ``embedding_bag`` elsewhere.
+``auto`` picks ``kernel`` on CPU where the kernels build, ``triton`` on CUDA where Triton imports, else ``csr`` on
+CPU/CUDA and ``embedding_bag`` elsewhere.
 
-The layer always computes in fp32 (or fp64 for fp64 inputs), also under autocast: an fp16 sum over the fan-in would
-lose the small weights DST is about to prune, and the output is small next to the encoder's activations.
+The layer always accumulates in fp32 (or fp64 for fp64 inputs), also under autocast: an fp16 sum over the fan-in
+would lose the small weights DST is about to prune. The logits are fp32 too (the loss over hundreds of thousands of
+labels needs it), or the autocast dtype with ``autocast_logits=True``. The ``triton`` path reads half-precision inputs
+directly; the others compute on an fp32 copy of them.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from xmc_dst.kernels import load_kernels
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-Impl = Literal["auto", "kernel", "csr", "embedding_bag"]
-IMPLS: tuple[str, ...] = ("kernel", "csr", "embedding_bag")
+Impl = Literal["auto", "kernel", "csr", "embedding_bag", "triton"]
+IMPLS: tuple[str, ...] = ("kernel", "csr", "embedding_bag", "triton")
 # Index dtype: int32 halves the index memory (670K x 32 indices: 86 MB instead of 171 MB) and covers any input width
 # below 2**31; embedding_bag, CSR tensors and the C kernels all take int32 indices directly.
 INDEX_DTYPE = torch.int32
@@ -46,6 +51,8 @@ INDEX_DTYPE = torch.int32
 CSR_BLOCK_LABELS = 1024
 # Labels per chunk of the gathers in the ``embedding_bag`` backward: bounds the [chunk, fan_in, batch] temporary.
 GATHER_CHUNK_ELEMENTS = 1 << 24
+# Random keys per step of the PyTorch regrowth path ([rows, in_features] fp32: 64 MB).
+REGROW_CHUNK_ELEMENTS = 1 << 24
 
 
 def _num_threads() -> int:
@@ -54,6 +61,15 @@ def _num_threads() -> int:
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def triton_problem(device: torch.device) -> str | None:
+    """Why ``impl="triton"`` cannot run on ``device`` (None when it can); imports Triton on first use."""
+    try:
+        from xmc_dst import triton_fan_in
+    except ImportError as err:
+        return f"impl='triton' needs Triton ({err}); install it with `pip install 'xmc-dst[triton]'`"
+    return triton_fan_in.unsupported(device)
 
 
 class _KernelFunction(torch.autograd.Function):
@@ -117,7 +133,9 @@ def _build_transposed(indices: Tensor, in_features: int, block_labels: int) -> _
     # Sort connections by (block, input, label): a stable sort on (block, input) keeps labels ascending.
     order = torch.argsort(block * in_features + flat, stable=True)
     num_blocks = (num_out + block_labels - 1) // block_labels
-    counts = torch.bincount(block * in_features + flat, minlength=num_blocks * in_features).view(num_blocks, -1)
+    key = block * in_features + flat
+    counts = torch.zeros(num_blocks * in_features, dtype=torch.int64, device=indices.device)
+    counts = counts.index_add_(0, key, torch.ones_like(key)).view(num_blocks, -1)  # bincount reads its max on CUDA
     col_ptr = torch.zeros(num_blocks, in_features + 1, dtype=torch.int64, device=indices.device)
     col_ptr[:, 1:] = counts.cumsum(1)
     rows = (label[order] - block[order] * block_labels).to(INDEX_DTYPE)
@@ -218,12 +236,17 @@ class RewireResult:
     """What one :meth:`FixedFanInLinear.rewire` did.
 
     ``permutation[l, j]`` is the slot that new slot ``j`` of row ``l`` came from (rows are re-sorted after regrowth,
-    so surviving connections can move); ``regrown[l, j]`` marks the slots that hold a new connection.
+    so surviving connections can move); ``regrown[l, j]`` marks the slots that hold a new connection. Both stay on
+    the layer's device; the counts below read from it (on a GPU: wait for it) only when asked for.
     """
 
     regrown: Tensor  # bool [out, fan_in]
     permutation: Tensor  # int64 [out, fan_in]
-    num_pruned: int
+
+    @property
+    def num_pruned(self) -> int:
+        """How many connections were pruned (and as many regrown)."""
+        return int(self.regrown.sum())
 
     @property
     def regrown_fraction(self) -> float:
@@ -247,13 +270,14 @@ class FixedFanInLinear(nn.Module):
         out_features: number of outputs (labels).
         fan_in: connections per output, ``1 <= fan_in <= in_features``.
         bias: learn an additive bias per output.
-        impl: ``auto``, ``kernel``, ``csr`` or ``embedding_bag`` (see the module docstring).
+        impl: ``auto``, ``kernel``, ``csr``, ``embedding_bag`` or ``triton`` (see the module docstring).
         generator: random source for the initial topology and weights.
+        autocast_logits: under autocast, return the logits in the autocast dtype instead of fp32.
     """
 
     def __init__(self, in_features: int, out_features: int, fan_in: int, bias: bool = True, impl: Impl = "auto",
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, autocast_logits: bool = False) -> None:
         super().__init__()
         if not 1 <= fan_in <= in_features:
             raise ValueError(f"fan_in must be between 1 and in_features={in_features}, got {fan_in}")
@@ -262,6 +286,7 @@ class FixedFanInLinear(nn.Module):
         if in_features >= 2**31:
             raise ValueError("in_features must be below 2**31 (int32 indices)")
         self.in_features, self.out_features, self.fan_in, self.impl = in_features, out_features, fan_in, impl
+        self.autocast_logits = autocast_logits
         self.weight = nn.Parameter(torch.empty(out_features, fan_in, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("indices", torch.empty(out_features, fan_in, dtype=INDEX_DTYPE, device=device))
@@ -293,9 +318,13 @@ class FixedFanInLinear(nn.Module):
         if self.impl != "auto":
             if self.impl == "kernel" and (device.type != "cpu" or load_kernels() is None):
                 raise RuntimeError("impl='kernel' needs a CPU tensor and a working C compiler; use impl='auto'")
+            if self.impl == "triton" and (problem := triton_problem(device)) is not None:
+                raise RuntimeError(problem)
             return self.impl
         if device.type == "cpu" and dtype in (torch.float32, torch.float64) and load_kernels() is not None:
             return "kernel"
+        if device.type == "cuda" and triton_problem(device) is None:
+            return "triton"
         return "csr" if device.type in ("cpu", "cuda") else "embedding_bag"
 
     def transposed_structure(self, block_labels: int | None = None) -> _Transposed:
@@ -318,11 +347,16 @@ class FixedFanInLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = compute
+        if self.autocast_logits and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        impl = self.resolved_impl(x.device, compute)
         with torch.autocast(device_type=x.device.type, enabled=False):
+            if impl == "triton":
+                return self._triton(x, out_dtype).reshape(*lead, self.out_features)
             x = x.to(compute)
             weight = self.weight.to(compute)
             bias = self.bias.to(compute) if self.bias is not None else None
-            impl = self.resolved_impl(x.device, compute)
             if impl == "kernel":
                 y = _KernelFunction.apply(x.contiguous(), weight.contiguous(), bias, self.indices.contiguous())
             elif impl == "csr":
@@ -330,7 +364,20 @@ class FixedFanInLinear(nn.Module):
             else:
                 y = _EmbeddingBagFunction.apply(x, weight, bias, self.indices,
                                                 self.transposed_structure(self.out_features))
-        return y.reshape(*lead, self.out_features)
+        return y.to(out_dtype).reshape(*lead, self.out_features)
+
+    def _triton(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """The Triton kernels on ``x`` in its own dtype; the input gradient as :data:`triton_fan_in.INPUT_GRAD`."""
+        from xmc_dst import triton_fan_in
+
+        mode = triton_fan_in.INPUT_GRAD
+        transposed = None
+        if mode == "transposed" and x.requires_grad and torch.is_grad_enabled():
+            transposed = self.transposed_structure(triton_fan_in.TRANSPOSED_BLOCK_LABELS)
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point inputs, got {x.dtype}")
+        return triton_fan_in.TritonFanInFunction.apply(x, self.weight.contiguous(), self.bias,
+                                                       self.indices.contiguous(), out_dtype, mode, transposed)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense ``[out, in]`` weight (for tests and small layers only)."""
@@ -378,9 +425,23 @@ class FixedFanInLinear(nn.Module):
 
 
 def _uniform(shape: torch.Size, bound: float, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    gen_device = generator.device if generator is not None else like.device
-    values = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    return ((values * 2 - 1) * bound).to(device=like.device, dtype=like.dtype)
+    values = torch.rand(shape, generator=device_generator(generator, like.device), device=like.device,
+                        dtype=torch.float32)
+    return ((values * 2 - 1) * bound).to(like.dtype)
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator that draws on ``device``: ``generator`` itself where it lives there, else a new one seeded by one
+    draw from ``generator`` (a host-side draw for a CPU generator), so random tensors are made where they are used
+    and never copied from the host: no host round trip on a GPU, and deterministic for a given generator state."""
+    device = torch.device(device)
+    if generator is None or device.type == "meta":  # meta tensors hold no values: nothing to draw
+        return None
+    here = generator.device
+    if here.type == device.type and (here.index or 0) == (device.index or 0):
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=here).item())
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def random_indices(num_rows: int, in_features: int, fan_in: int, generator: torch.Generator | None = None,
@@ -440,7 +501,10 @@ def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.G
     Returns ``(sorted_indices, permutation)`` (int32, int64): new slot ``j`` of row ``r`` holds what slot
     ``permutation[r, j]`` of the merged row held. On CPU the C kernel does this in one pass over the rows (each row
     with its own random stream seeded from ``generator``); elsewhere, or with ``use_kernel=False``, a vectorised
-    PyTorch path does. Both are deterministic for a given generator state, but they draw different inputs.
+    PyTorch path does, without reading anything back from the device (see :func:`_regrow_torch`). Both are
+    deterministic for a given generator state, but they draw different inputs. A row must have at least as many
+    free inputs as it prunes: checked on CPU; on other devices the check would wait for the device, and
+    :meth:`FixedFanInLinear.rewire` caps the pruning so that it holds.
     """
     lib = load_kernels() if indices.device.type == "cpu" and use_kernel is not False else None
     if use_kernel and lib is None:
@@ -463,33 +527,47 @@ def regrow(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.G
 
 def _regrow_torch(indices: Tensor, pruned: Tensor, in_features: int, generator: torch.Generator | None,
                   exclude_old: bool) -> tuple[Tensor, Tensor]:
-    """The PyTorch path of :func:`regrow`.
+    """The PyTorch path of :func:`regrow`: random keys, with no host synchronisation.
 
-    Occupancy is a bit-packed ``[rows, ceil(in_features / 64)]`` int64 map (670K rows x 768 inputs: 64 MB). One slot
-    column at a time, every row that needs slot ``j`` draws a candidate, keeps it if its bit is clear and redraws
-    otherwise; accepted bits are set by adding ``1 << bit`` (rows are distinct within a column, so adding is OR). The
-    loops run over slot columns and retries, never over rows.
+    Every input of a row gets a uniform random key; the inputs the row keeps (with ``exclude_old``, also those it
+    prunes) get the key 2, above every draw. The row's ``k`` smallest keys, in order, are its candidates, and its
+    pruned slots, left to right, take the first of them: the smallest keys among the free inputs are a uniform
+    random subset of them. Rows go in chunks of at most :data:`REGROW_CHUNK_ELEMENTS` keys; the loop runs over a
+    number of chunks known from the shapes, never over rows or data-dependent retries, so a GPU never waits.
     """
     rows, k = indices.shape
     device = indices.device
-    gen_device = generator.device if generator is not None else device
-    words_per_row = (in_features + 63) // 64
+    gen = device_generator(generator, device)
     old = indices.long()
-    taken = old if exclude_old else old[:, :0]
-    occupancy = torch.zeros(rows, words_per_row, dtype=torch.long, device=device)
-    occupancy.scatter_add_(1, taken >> 6, torch.ones_like(taken) << (taken & 63))
-    occupancy = occupancy.view(-1)
-    merged = old.clone().view(-1)
-    for j in range(k):
-        need = pruned[:, j].nonzero().squeeze(1)
-        while need.numel():
-            draw = torch.randint(in_features, (need.numel(),), generator=generator, device=gen_device).to(device)
-            word = need * words_per_row + (draw >> 6)
-            free = (occupancy[word] >> (draw & 63)) & 1 == 0
-            occupancy.index_add_(0, word[free], torch.ones_like(draw[free]) << (draw[free] & 63))
-            merged[need[free] * k + j] = draw[free]
-            need = need[~free]
-    sorted_indices, permutation = merged.view(rows, k).sort(dim=1)
+    if device.type == "cpu":
+        counts = pruned.sum(1)
+        free = in_features - (k if exclude_old else k - counts)
+        if bool((counts > free).any()):
+            raise ValueError(f"cannot regrow: a row has fewer than the requested free inputs among {in_features}")
+    candidates = torch.empty(rows, k, dtype=torch.long, device=device)
+    chunk = max(1, REGROW_CHUNK_ELEMENTS // max(1, in_features))
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        keys = torch.rand(stop - start, in_features, generator=gen, device=device)
+        taken = old[start:stop]
+        blocked = torch.full(taken.shape, 2.0, device=device)
+        if not exclude_old:  # pruned slots give their input back to the draw
+            blocked = torch.where(pruned[start:stop], keys.gather(1, taken), blocked)
+        keys.scatter_(1, taken, blocked)
+        candidates[start:stop] = keys.topk(k, dim=1, largest=False, sorted=True).indices
+    return fill_pruned(indices, pruned, candidates)
+
+
+def fill_pruned(indices: Tensor, pruned: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """Put each row's first candidates into its ``pruned`` slots (left to right: candidate 0, 1, ...), sort the rows.
+
+    ``candidates[r, :n_r]`` (``n_r`` pruned slots in row ``r``) must be distinct and absent from the row's kept
+    inputs. Returns ``(sorted_indices, permutation)`` as :func:`regrow`.
+    """
+    rank = pruned.long().cumsum(1) - 1  # position of each pruned slot among its row's pruned slots
+    chosen = candidates.gather(1, rank.clamp(min=0, max=max(0, candidates.shape[1] - 1))) \
+        if candidates.shape[1] else torch.zeros_like(rank)
+    sorted_indices, permutation = torch.where(pruned, chosen, indices.long()).sort(dim=1)
     return sorted_indices.to(INDEX_DTYPE), permutation
 
 
@@ -501,7 +579,7 @@ def commit_topology(weight: Tensor, indices: Tensor, pruned: Tensor, sorted_indi
     regrown = pruned.gather(1, permutation)
     weight.copy_(weight.gather(1, permutation).masked_fill_(regrown, 0.0))
     indices.copy_(sorted_indices.to(indices.dtype))
-    return RewireResult(regrown=regrown, permutation=permutation, num_pruned=int(pruned.sum()))
+    return RewireResult(regrown=regrown, permutation=permutation)
 
 
 @torch.no_grad()
@@ -512,11 +590,7 @@ def apply_regrowth(weight: Tensor, indices: Tensor, pruned: Tensor, candidates: 
     pruned slots of a row, left to right, take candidates 0, 1, ...; then each row is sorted and the weights follow.
     ``weight`` and ``indices`` are updated in place.
     """
-    rank = pruned.long().cumsum(1) - 1  # position of each pruned slot among its row's pruned slots
-    chosen = candidates.gather(1, rank.clamp(min=0, max=max(0, candidates.shape[1] - 1))) \
-        if candidates.shape[1] else torch.zeros_like(rank)
-    merged = torch.where(pruned, chosen, indices.long())
-    sorted_idx, permutation = merged.sort(dim=1)
+    sorted_idx, permutation = fill_pruned(indices, pruned, candidates)
     return commit_topology(weight, indices, pruned, sorted_idx, permutation)
 
 
@@ -532,9 +606,8 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, resul
         return 0
     changed = 0
     for value in state.values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            moved = value.gather(1, result.permutation.to(value.device))
-            moved[result.regrown.to(value.device)] = 0
-            value.copy_(moved)
+        if isinstance(value, Tensor) and value.shape == param.shape:  # masked_fill: a boolean index would sync
+            value.copy_(value.gather(1, result.permutation.to(value.device)).masked_fill_(
+                result.regrown.to(value.device), 0))
             changed += 1
     return changed
