@@ -4,7 +4,7 @@ Why: a P@k of our sparse-head models means little without the established tree/l
 same documents and scored by the same code. This script trains each peer with its default parameters on TF-IDF
 features, predicts the full test split and scores it with the project's metrics.
 
-    .venv/bin/python benchmarks/peers.py                       # debtags bibtex delicious, 3 runs, 2 threads
+    .venv/bin/python benchmarks/peers.py              # debtags debian-files bibtex delicious, 3 runs, 2 threads
     .venv/bin/python benchmarks/peers.py --datasets bibtex --runs 1 --threads 2 --out benchmarks/results
 
 Peers (each skipped with a printed note when its package is not installed; ``bash scripts/setup-peers.sh`` installs
@@ -26,12 +26,12 @@ are the run index (0, 1, 2, ...; run 0 is PECOS's default seed).
 
 Protocol (the one of ``configs/<dataset>.yaml`` and ``benchmarks/quality.py``):
 
-- Data come from the project's DataModules and readers: ``datamodules.Debtags`` + ``raw_text_docs`` (label vocabulary
-  = the labels of the training file, sorted; the test labels unseen in training are dropped from the targets, the
-  documents kept), ``datamodules.Bibtex`` / ``datamodules.Delicious`` (XC sparse format; a test label without any
-  training positive would be dropped the same way, none exists in the shipped files).
-- Features: Debtags (raw text) -> ``TfidfVectorizer(ngram_range=(1, 2))`` (word 1-2-grams, other parameters
-  default) fitted on the training texts; Bibtex and Delicious -> the given binary bag-of-words re-weighted by
+- Data come from the project's DataModules and readers: ``datamodules.Debtags`` / ``DebianFiles`` + ``raw_text_docs``
+  (label vocabulary = the labels of the training file, sorted; the test labels unseen in training are dropped from
+  the targets, the documents kept), ``datamodules.Bibtex`` / ``datamodules.Delicious`` (XC sparse format; a test
+  label without any training positive would be dropped the same way, none exists in the shipped files).
+- Features: Debtags and DebianFiles (raw text) -> ``TfidfVectorizer(ngram_range=(1, 2))`` (word 1-2-grams, other
+  parameters default) fitted on the training texts; Bibtex and Delicious -> the given binary bag-of-words re-weighted by
   ``TfidfTransformer()`` (defaults) fitted on the training matrix.
 - Training split: peers train on the full training split (they have no model selection). Our models hold out 10% of
   it (``val_fraction: 0.1``, seed 42, in the configs) to select their checkpoint; ``--holdout`` trains the peers on
@@ -95,7 +95,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import cell, mean_std  # noqa: E402 - after the path above
 
-DATASETS = ("debtags", "bibtex", "delicious")
+DATASETS = ("debtags", "debian-files", "bibtex", "delicious")
 KS = (1, 3, 5)
 METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 PROPENSITY_A, PROPENSITY_B = 0.55, 1.5
@@ -292,13 +292,15 @@ def load_bow(dm: Any, name: str, holdout: bool = False, propensity: str = "model
 
 
 def load_dataset(name: str, holdout: bool = False, propensity: str = "model-train") -> PeerData:
-    """One of the shipped datasets (``debtags``, ``bibtex``, ``delicious``) through the project's DataModules."""
+    """One of the shipped datasets (``debtags``, ``debian-files``, ``bibtex``, ``delicious``) through the project's
+    DataModules."""
     import datamodules
 
     val_fraction, seed = _config_protocol(name)
     kwargs = {"val_fraction": val_fraction, "seed": seed, "propensity_a": PROPENSITY_A, "propensity_b": PROPENSITY_B}
-    if name == "debtags":
-        return load_raw_text(datamodules.Debtags(**kwargs), name, holdout, propensity)
+    if name in ("debtags", "debian-files"):
+        module = datamodules.Debtags if name == "debtags" else datamodules.DebianFiles
+        return load_raw_text(module(**kwargs), name, holdout, propensity)
     if name == "bibtex":
         return load_bow(datamodules.Bibtex(**kwargs), name, holdout, propensity)
     if name == "delicious":

@@ -2,8 +2,8 @@
 
 - :class:`RawTextXMCDataModule` (AttentionXML/LightXML layout), :class:`LFXMCDataModule` (LF JSON lines) and
   :class:`BoWXMCDataModule` (XC sparse format); named: :class:`Wiki10_31K`, :class:`Amazon670K`, :class:`Wiki500K`,
-  :class:`LFAmazonTitles131K` (point ``data_dir`` at the download), :class:`Debtags`, :class:`Bibtex`,
-  :class:`Delicious` (shipped in ``datamodules/shipped``).
+  :class:`LFAmazonTitles131K` (point ``data_dir`` at the download), :class:`Debtags`,
+  :class:`DebianFiles`, :class:`Bibtex`, :class:`Delicious` (shipped in ``datamodules/shipped``).
 - Text batches: ``input_ids``/``attention_mask`` [batch, seq] (padded to the longest, at most ``max_length``);
   BoW batches: ``feature_ids``/``feature_values``/``feature_offsets`` (CSR). Both: ``label_ids`` [nnz] and
   ``label_offsets`` [batch + 1] (CSR positives) and ``doc_index`` [batch], the 0-based line of the document in its
@@ -38,6 +38,7 @@ _EXPORTS = {
     "Wiki500K": "named",
     "LFAmazonTitles131K": "named",
     "Debtags": "named",
+    "DebianFiles": "named",
     "Bibtex": "named",
     "Delicious": "named",
 }

@@ -90,6 +90,16 @@ class Debtags(NamedDataset, RawTextXMCDataModule):
     source_hint = "Debtags ships inside the package under datamodules/shipped/debtags (see its SOURCE.md)."
 
 
+class DebianFiles(NamedDataset, RawTextXMCDataModule):
+    """DebianFiles, shipped (Debian package descriptions -> names of the files each package installs): 34,806 /
+    8,652 documents, 55,977 labels, 53,024 of them in training. Built by ``benchmarks/debian_files.py``; see
+    its SOURCE.md."""
+
+    published = PublishedStats(34_806, 8_652, 55_977)
+    default_dir, default_name = shipped_dir("debian-files"), "debian-files"
+    source_hint = "DebianFiles ships inside the package under datamodules/shipped/debian-files (see its SOURCE.md)."
+
+
 class Bibtex(NamedDataset, BoWXMCDataModule):
     """Bibtex, shipped (XC sparse format): 4,880 / 2,515 documents, 1,836 features, 159 labels."""
 
