@@ -31,7 +31,8 @@ from .text import TokenizedTextDataModule
 log = logging.getLogger(__name__)
 
 
-def _text(path: str, number: int, record: dict, use_content: bool) -> str:
+def record_text(path: str, number: int, record: dict, use_content: bool) -> str:
+    """The text of an LF record: its title, then its content with ``use_content``."""
     title, content = record.get("title"), record.get("content") or ""
     if not isinstance(title, str) or not isinstance(content, str):
         raise DataFormatError(path, number, "string 'title' and 'content' fields", json.dumps(record)[:80])
@@ -48,13 +49,13 @@ def lf_docs(json_path: str, num_labels: int, use_content: bool, stats_path: str,
         docs += 1
         yield {
             "doc_index": number - 1,
-            "text": _text(json_path, number, record, use_content),
+            "text": record_text(json_path, number, record, use_content),
             "label_ids": list(dict.fromkeys(targets)),
         }
     if label_path is not None:
         for number, record in iter_json_lines(label_path, ("title",)):
             label_docs += 1
-            yield {"doc_index": docs + number - 1, "text": _text(label_path, number, record, use_content),
+            yield {"doc_index": docs + number - 1, "text": record_text(label_path, number, record, use_content),
                    "label_ids": [number - 1]}
     Path(stats_path).write_text(json.dumps({"docs": docs, "label_documents": label_docs}), encoding="utf-8")
 
@@ -109,7 +110,7 @@ class LFXMCDataModule(TokenizedTextDataModule):
 
     def _scan_labels(self) -> tuple[list[str], np.ndarray, int]:
         lbl = self.files["lbl"]
-        names = [_text(str(lbl), number, record, False) for number, record in iter_json_lines(lbl, ("title",))]
+        names = [record_text(str(lbl), number, record, False) for number, record in iter_json_lines(lbl, ("title",))]
         counts = np.zeros(len(names), dtype=np.int64)
         docs = 0
         trn = self.files["trn"]
