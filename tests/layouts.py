@@ -32,7 +32,7 @@ import gzip
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class Written:
     test_docs: int
     label_names: list[str]  # in the order the DataModule must number them
     unseen_test_labels: int = 0
-    test_texts: list[str] = field(default_factory=list)
     clusters: dict[str, int] | None = None  # label name -> cluster, for the labels in label_names
 
 
@@ -103,7 +102,7 @@ def write_raw_text(directory: Path, *, clusters: bool, train: int = 40, test: in
         _write_lines(directory / f"{split}_texts.txt", [" ".join(t.lower().replace(".", " .").split())
                                                           for t in raw[split]])
         _write_lines(directory / f"{split}_labels.txt", [" ".join(labels) for labels in docs])
-    written = Written(directory, train, test, sorted(names), unseen_test_labels=len(unseen), test_texts=raw["test"])
+    written = Written(directory, train, test, sorted(names), unseen_test_labels=len(unseen))
     if clusters:
         everything = sorted(names + unseen)
         groups = [everything[0::3], everything[1::3], everything[2::3]]
@@ -125,12 +124,11 @@ def write_debtags(directory: Path, train: int = 40, test: int = 12, seed: int = 
     splits = {"train": _doc_labels(rng, names, train), "test": _doc_labels(rng, names, test)}
     for i, label in enumerate(unseen):
         splits["test"][i].append(label)
-    texts = {}
     for split, docs in splits.items():
-        texts[split] = [f"pkg{i}-{split}: {_text_of(labels, vocabulary, rng)}" for i, labels in enumerate(docs)]
-        _write_lines(directory / f"{split}_texts.txt", texts[split])
+        texts = [f"pkg{i}-{split}: {_text_of(labels, vocabulary, rng)}" for i, labels in enumerate(docs)]
+        _write_lines(directory / f"{split}_texts.txt", texts)
         _write_lines(directory / f"{split}_labels.txt", [" ".join(sorted(labels)) for labels in docs])
-    return Written(directory, train, test, names, unseen_test_labels=len(unseen), test_texts=texts["test"])
+    return Written(directory, train, test, names, unseen_test_labels=len(unseen))
 
 
 def write_xc_sparse(directory: Path, num_features: int = 30, num_labels: int = 10, train: int = 40, test: int = 12,
@@ -184,8 +182,7 @@ def write_lf(directory: Path, train: int = 40, test: int = 12, seed: int = 0) ->
     _write_lines(directory / "filter_labels_test.txt", ["1 3", "5 0", "5 9"])
     groups = [[str(i) for i in range(len(titles)) if i % 3 == g] for g in range(3)]
     _save_groups(directory / "label_group0.npy", groups)
-    return Written(directory, train, test, titles, test_texts=[row["title"] for row in tst],
-                   clusters={titles[i]: i % 3 for i in range(len(titles))})
+    return Written(directory, train, test, titles, clusters={titles[i]: i % 3 for i in range(len(titles))})
 
 
 LayoutWriter = Callable[[Path], Written]
