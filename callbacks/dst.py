@@ -19,9 +19,11 @@ no inf. Loggers get ``trainer.global_step`` as the step of an update, ``history`
 
 * Pruning, ``threshold`` (the authors'): drop ``|w| < tau(t)`` with ``tau`` cosine-annealed from ``threshold`` to
   ``threshold_floor`` over the rewiring period (their ``CosineDecay``: ``CosineAnnealingLR`` with
-  ``eta_min=1e-4`` stepped once per optimizer step). ``fraction`` (RigL): drop the ``round(f(t) * fan_in)`` weakest
-  weights per row with ``f(t) = f0 / 2 * (1 + cos(pi * t / T))``. ``t`` counts steps from ``start``, ``T`` is the
-  length of the rewiring period.
+  ``eta_min=1e-4`` stepped once per optimizer step). ``fraction``: drop the ``round(f(t) * fan_in)`` weakest
+  weights per row with ``f(t) = f1 + (f0 - f1) / 2 * (1 + cos(pi * t / T))``, from ``drop_fraction`` (f0) to
+  ``drop_fraction_floor`` (f1): RigL's schedule with the default floor 0, a constant fraction with f1 = f0 (the
+  SPARTEX authors' fraction pruning on LF data). ``t`` counts steps from ``start``, ``T`` is the length of the
+  rewiring period.
 * Regrowth, ``random`` (SET, the paper's): the layer's own ``rewire``. ``gradient`` (RigL): the same ``rewire``
   given :class:`xmc_dst.regrowth.GradientScores` of the update step's batch, so that it grows the unconnected inputs
   with the largest ``|dL/dW|``, computed in label blocks from the layer input and output gradient captured by hooks
@@ -124,7 +126,9 @@ class DynamicSparseTraining(L.Callback):
         prune: ``threshold`` (cosine-decayed magnitude threshold) or ``fraction`` (cosine-decayed drop fraction).
         threshold: initial threshold of ``threshold`` pruning (the authors: 0.01).
         threshold_floor: value the threshold decays to at the end of the period (the authors: 1e-4).
-        drop_fraction: initial drop fraction of ``fraction`` pruning (RigL: 0.3); decays to 0.
+        drop_fraction: initial drop fraction of ``fraction`` pruning (RigL: 0.3) ...
+        drop_fraction_floor: ... cosine-decayed to this at the end of the period (RigL: 0; ``drop_fraction``:
+            constant).
         regrow: ``random`` (SET) or ``gradient`` (RigL, from the dense gradient of the update step's batch).
         gradient_chunk_elements: size of one block of the dense gradient in the ``gradient`` variant.
         seed: seed of the regrowth random stream (None: drawn from torch's global generator on rank 0).
@@ -136,7 +140,7 @@ class DynamicSparseTraining(L.Callback):
 
     def __init__(self, interval: int = 800, start: int = 0, end: float = 0.66, end_step: int | None = None,
                  prune: Literal["threshold", "fraction"] = "threshold", threshold: float = 0.01,
-                 threshold_floor: float = 1e-4, drop_fraction: float = 0.3,
+                 threshold_floor: float = 1e-4, drop_fraction: float = 0.3, drop_fraction_floor: float = 0.0,
                  regrow: Literal["random", "gradient"] = "random",
                  gradient_chunk_elements: int = GRADIENT_CHUNK_ELEMENTS, seed: int | None = None,
                  track_itop: bool = True, itop_rows: int | None = 65_536, verify_sync: bool = True) -> None:
@@ -149,13 +153,16 @@ class DynamicSparseTraining(L.Callback):
             raise ValueError(f"regrow must be 'random' or 'gradient', got {regrow!r}")
         if not 0.0 < end <= 1.0:
             raise ValueError(f"end must be a fraction of training in (0, 1], got {end}")
-        if not 0.0 <= drop_fraction <= 1.0 or threshold < 0 or threshold_floor < 0:
-            raise ValueError("drop_fraction must be in [0, 1] and the thresholds non-negative")
+        if not 0.0 <= drop_fraction_floor <= drop_fraction <= 1.0 or threshold < 0 or threshold_floor < 0:
+            raise ValueError("need 0 <= drop_fraction_floor <= drop_fraction <= 1 and non-negative thresholds, got "
+                             f"drop_fraction={drop_fraction}, drop_fraction_floor={drop_fraction_floor}, "
+                             f"threshold={threshold}, threshold_floor={threshold_floor}")
         self.interval, self.start, self.end = interval, start, end
         self._fixed_end = end_step
         self.end_step: int | None = end_step  # resolved at the start of training when given as a fraction
         self.prune, self.regrow = prune, regrow
         self.threshold, self.threshold_floor, self.drop_fraction = threshold, threshold_floor, drop_fraction
+        self.drop_fraction_floor = drop_fraction_floor
         self.gradient_chunk_elements, self.seed = gradient_chunk_elements, seed
         self.track_itop, self.itop_rows, self.verify_sync = track_itop, itop_rows, verify_sync
         self.layers: list[tuple[str, nn.Module]] = []
@@ -188,7 +195,7 @@ class DynamicSparseTraining(L.Callback):
         t, total = step - self.start, self._period()
         if self.prune == "threshold":
             return cosine_decay(self.threshold, self.threshold_floor, t, total)
-        return cosine_decay(self.drop_fraction, 0.0, t, total)
+        return cosine_decay(self.drop_fraction, self.drop_fraction_floor, t, total)
 
     def is_update_step(self, step: int) -> bool:
         """Whether the topology is updated right after optimizer step ``step``."""

@@ -230,6 +230,11 @@ class XMCDataModule(L.LightningDataModule):
     train_label_counts: torch.Tensor
     num_train_docs: int
 
+    @property
+    def label_keys(self) -> list[str]:
+        """The strings a label-cluster file names the labels by, one per label id (default: ``label_names``)."""
+        return self.label_names
+
     def _collate(self, split: str):
         raise NotImplementedError
 

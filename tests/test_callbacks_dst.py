@@ -119,6 +119,14 @@ def test_schedule_values_match_authors_and_rigl_formulas(tmp_path):
         t, total = step - 10, 100
         assert rigl.amount_at(step) == pytest.approx(0.3 / 2 * (1 + math.cos(math.pi * t / total)))
     assert [s for s in range(0, 130) if rigl.is_update_step(s)] == list(range(15, 110, 5))
+    floored = DynamicSparseTraining(interval=5, start=10, end_step=110, prune="fraction", drop_fraction=0.3,
+                                    drop_fraction_floor=0.1)
+    assert floored.amount_at(10) == pytest.approx(0.3) and floored.amount_at(110) == pytest.approx(0.1)
+    assert floored.amount_at(60) == pytest.approx(0.2)  # half-way down the cosine
+    constant = DynamicSparseTraining(prune="fraction", end_step=100, drop_fraction=0.15, drop_fraction_floor=0.15)
+    assert [constant.amount_at(step) for step in (0, 33, 99)] == pytest.approx([0.15] * 3)
+    with pytest.raises(ValueError, match="drop_fraction_floor"):
+        DynamicSparseTraining(prune="fraction", drop_fraction=0.1, drop_fraction_floor=0.2)
 
 
 def test_gradient_accumulation_keeps_the_optimizer_step_schedule():

@@ -384,8 +384,29 @@ def test_lf_module(tiny_encoder_dir, tmp_path) -> None:
 
     named = LFAmazonTitles131K(data_dir=data, tokenizer=str(tiny_encoder_dir), cache_dir=tmp_path / "c")
     assert (named.max_length, named.propensity_a, named.propensity_b) == (32, 0.6, 2.6)
+    assert named.label_keys == ["0", "1", "2"]  # how the authors' cluster files name LF labels
     with pytest.warns(UserWarning, match="294,805/134,835/131,073"):
         named.setup("test")
+
+
+def test_lf_label_documents_follow_the_training_file(tiny_encoder_dir, tmp_path) -> None:
+    """label_documents: each label's title is one more training document labelled with itself (after the file's
+    documents); the counts, the propensity's N and the published-statistics check see it as the data does."""
+    data = write_lf(tmp_path / "lf")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    module = LFXMCDataModule(data, tokenizer=str(tiny_encoder_dir), cache_dir=tmp_path / "c", label_documents=True,
+                             batch_size=16)
+    assert module.num_train_docs == 2 + 3
+    assert module.train_label_counts.tolist() == [2, 2, 2]  # d0: python+tool, d1: game, one title each
+    module.setup("fit")
+    texts = ["python tool", "game", "python", "game", "tool"]
+    labels = ["python tool", "game", "python", "game", "tool"]
+    assert check_against_reference(module.train_dataloader(), texts, labels, module.label_names, tokenizer, 32) == 5
+    plain = LFXMCDataModule(data, tokenizer=str(tiny_encoder_dir), cache_dir=tmp_path / "c")
+    assert plain.cache_path != module.cache_path and plain.num_train_docs == 2
+    with pytest.warns(UserWarning, match="found have train/test/labels = 2/2/3"):  # the file's documents only
+        LFAmazonTitles131K(data_dir=data, tokenizer=str(tiny_encoder_dir), cache_dir=tmp_path / "c",
+                           label_documents=True).setup("test")
 
 
 def test_lf_bad_target(tiny_encoder_dir, tmp_path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,7 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks import AuxiliaryObjective, MemoryProfiler
-from xmc_dst.estimate import estimate_memory, estimate_memory_main, estimate_memory_parts
+from xmc_dst.estimate import (
+    KNOWN_ENCODERS,
+    EncoderConfigNotFound,
+    estimate_memory,
+    estimate_memory_main,
+    estimate_memory_parts,
+)
 
 HEADS = {"sparse": "xmc_dst.heads.FixedFanInHead", "dense": "xmc_dst.heads.DenseHead"}
 
@@ -138,3 +146,94 @@ model:
     assert report["batch_size"] == 16 and dense["fits"] is None
     assert estimate_memory_main(["--config", str(config), "--budget-gib", "0.001"]) == 1  # the sparse head won't fit
     assert "does NOT fit" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- offline architecture
+
+ROOT = Path(__file__).resolve().parents[1]
+# Published parameter counts (Hugging Face model cards / the papers), with the pooler where the model has one.
+PUBLISHED_PARAMETERS = {"bert-base-uncased": 109_482_240, "distilbert-base-uncased": 66_362_880,
+                        "roberta-base": 124_645_632, "sentence-transformers/all-MiniLM-L6-v2": 22_713_216}
+BERT_POOLER = 768 * 768 + 768  # TransformerEncoder drops the pooler
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache holding nothing (conftest already forbids the network)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_the_table_of_known_encoders_has_their_published_sizes(name):
+    from transformers import AutoConfig, AutoModel
+
+    entry = dict(KNOWN_ENCODERS[name])
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.for_model(entry.pop("model_type"), **entry))
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
+
+
+def test_the_table_matches_the_shipped_minilm_config():
+    from xmc_dst.paths import minilm_dir
+
+    shipped = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
+    for key, value in KNOWN_ENCODERS["sentence-transformers/all-MiniLM-L6-v2"].items():
+        assert shipped[key] == value, key
+
+
+@pytest.mark.parametrize("name", ["wiki10-31k", "amazon-670k", "wiki-500k", "lf-amazontitles-131k"])
+def test_paper_configs_are_estimated_offline(name, empty_hub_cache, capsys):
+    estimate = estimate_memory(ROOT / "configs" / f"{name}.yaml")
+    encoder = estimate.parts["sparse"]["encoder"]
+    expected = PUBLISHED_PARAMETERS["distilbert-base-uncased"] if name.startswith("lf-") else \
+        PUBLISHED_PARAMETERS["bert-base-uncased"] - BERT_POOLER
+    assert encoder.params == 4 * expected  # fp32 weights under 16-mixed
+    assert any("table of known encoders" in note for note in estimate.notes)
+    assert estimate_memory_main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["heads"]["sparse"]["parts"]["encoder"]["params"] == 4 * expected
+
+
+def _config_naming(tmp_path: Path, encoder: str) -> Path:
+    text = (ROOT / "configs" / "wiki10-31k.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "config.yaml"
+    path.write_text(text.replace("tokenizer: bert-base-uncased", f"tokenizer: {encoder}"), encoding="utf-8")
+    return path
+
+
+def _parameters(directory: Path) -> int:
+    from transformers import AutoModel
+
+    return sum(p.numel() for n, p in AutoModel.from_pretrained(directory).named_parameters() if "pooler" not in n)
+
+
+def test_an_encoder_in_the_hub_cache_is_read_from_there(tiny_encoder_dir, empty_hub_cache, tmp_path):
+    snapshot = empty_hub_cache / "models--someone--tiny-bert" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_encoder_dir / "config.json", snapshot / "config.json")
+    (empty_hub_cache / "models--someone--tiny-bert" / "refs").mkdir()
+    (empty_hub_cache / "models--someone--tiny-bert" / "refs" / "main").write_text("0123abc")
+    estimate = estimate_memory(_config_naming(tmp_path, "someone/tiny-bert"), num_labels=100)
+    assert estimate.parts["sparse"]["encoder"].params == 4 * _parameters(tiny_encoder_dir)
+    assert not any("table of known encoders" in note for note in estimate.notes)
+
+
+def test_encoder_config_option_and_the_error_without_it(tiny_encoder_dir, empty_hub_cache, tmp_path, capsys):
+    from xmc_dst.cli import configuration_error
+
+    config = _config_naming(tmp_path, "someone/unknown-encoder")
+    with pytest.raises(EncoderConfigNotFound) as caught:
+        estimate_memory(config, num_labels=100)
+    message = str(caught.value)
+    assert "\n" not in message and "'someone/unknown-encoder'" in message and "--encoder-config PATH" in message
+    assert str(empty_hub_cache) in message
+    assert configuration_error(caught.value) is caught.value  # the CLI prints it as its one-line error
+    for given in (tiny_encoder_dir, tiny_encoder_dir / "config.json"):
+        args = ["--config", str(config), "--num-labels", "100", "--encoder-config", str(given), "--json"]
+        assert estimate_memory_main(args) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["heads"]["sparse"]["parts"]["encoder"]["params"] == 4 * _parameters(tiny_encoder_dir)
+    with pytest.raises(EncoderConfigNotFound, match="no such file"):
+        estimate_memory(config, num_labels=100, encoder_config=tmp_path / "missing.json")

@@ -260,6 +260,8 @@ def cli(args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> X
 
 register_subcommand("estimate-memory", "xmc_dst.estimate:estimate_memory_main",
                     "predict training memory of a config, dense and sparse head side by side")
+register_subcommand("data-info", "xmc_dst.data_info:data_info_main",
+                    "statistics of a dataset folder (documents, labels, lengths) beside the published ones")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

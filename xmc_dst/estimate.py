@@ -19,13 +19,22 @@ depends on the kernels and the allocator and is estimated:
 :func:`estimate_memory` reads a LightningCLI config (or XMCModule hyperparameters); ``xmc-dst estimate-memory``
 (:func:`estimate_memory_main`) prints it. The tests compare it with what :mod:`xmc_dst.memory` measures on a live
 model.
+
+No network: a transformer encoder's sizes come from its ``config.json`` (``--encoder-config``, the model folder, or the
+Hugging Face cache), else from :data:`KNOWN_ENCODERS`, the published architectures of the encoders the shipped
+configs name (with a note saying so), so the estimate answers before anything is downloaded. An encoder none of these
+knows is an :class:`EncoderConfigNotFound` naming what is missing and how to provide it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Mapping
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +47,8 @@ from xmc_dst.memory import GIB, MIB, PartBytes
 from xmc_dst.optim import split_no_decay
 from xmc_dst.paths import default_tokenizer
 
-__all__ = ["MemoryEstimate", "estimate_memory", "estimate_memory_main", "estimate_memory_parts",
-           "transformer_activation_bytes"]
+__all__ = ["KNOWN_ENCODERS", "EncoderConfigNotFound", "MemoryEstimate", "encoder_architecture", "estimate_memory",
+           "estimate_memory_main", "estimate_memory_parts", "transformer_activation_bytes"]
 
 STATE_PER_PARAM = {"adamw": 2, "sgd": 1}
 # Parameter-sized temporaries of one group's optimizer step, by algorithm (see the module docstring). SGD's is the
@@ -48,6 +57,77 @@ STEP_TEMPORARIES_PER_PARAM = {"adamw": 1, "sgd": 1}
 # Transient bytes per connection during one rewire (prune mask, regrown mask, int64 permutation, gathered weight,
 # sorted int32 indices, one moved optimizer-state tensor).
 REWIRE_BYTES_PER_SLOT = 1 + 1 + 8 + 4 + 4 + 4
+
+_BERT_BASE = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+              "type_vocab_size": 2}
+_DISTILBERT_BASE = {"model_type": "distilbert", "vocab_size": 30522, "dim": 768, "n_layers": 6, "n_heads": 12,
+                    "hidden_dim": 3072, "max_position_embeddings": 512}
+_ROBERTA_BASE = {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 514,
+                 "type_vocab_size": 1}
+_MINILM_L6 = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+              "num_attention_heads": 12, "intermediate_size": 1536, "max_position_embeddings": 512,
+              "type_vocab_size": 2}
+# The architecture (the sizes of its config.json on the Hugging Face hub) of the encoders the configs name, for an
+# estimate on a machine that has not downloaded them. Parameters: 109.5 M, 66.4 M, 124.6 M, 22.7 M (with pooler).
+KNOWN_ENCODERS: dict[str, dict[str, Any]] = {
+    "bert-base-uncased": _BERT_BASE, "google-bert/bert-base-uncased": _BERT_BASE,
+    "distilbert-base-uncased": _DISTILBERT_BASE, "distilbert/distilbert-base-uncased": _DISTILBERT_BASE,
+    "sentence-transformers/msmarco-distilbert-base-v4": _DISTILBERT_BASE,
+    "roberta-base": _ROBERTA_BASE, "FacebookAI/roberta-base": _ROBERTA_BASE,
+    "sentence-transformers/all-MiniLM-L6-v2": _MINILM_L6, "nreimers/MiniLM-L6-H384-uncased": _MINILM_L6,
+}
+
+
+class EncoderConfigNotFound(FileNotFoundError):
+    """The encoder's architecture (its ``config.json``) is not on this machine and not in :data:`KNOWN_ENCODERS`."""
+
+
+def _hub_cached_config(name: str) -> Path | None:
+    """``config.json`` of hub model ``name`` in the local Hugging Face cache (never the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid hub name (e.g. a missing folder's path)
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+@contextlib.contextmanager
+def encoder_architecture(location: str, encoder_config: str | Path | None = None) -> Iterator[tuple[str, str | None]]:
+    """A folder holding the ``config.json`` of the encoder at ``location`` (hub name or folder), and a note when
+    the sizes are not the encoder's own file. Looked for, without network: ``encoder_config`` (a ``config.json``
+    or a folder with one), the folder ``location``, the Hugging Face cache, :data:`KNOWN_ENCODERS`."""
+    if encoder_config is not None:
+        path = Path(encoder_config).expanduser()
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise EncoderConfigNotFound(f"--encoder-config {encoder_config}: no such file (expected the encoder's "
+                                        "config.json or the folder holding it)")
+        source: Path | None = path
+    elif (Path(location).expanduser() / "config.json").is_file():
+        source = Path(location).expanduser() / "config.json"
+    else:
+        source = _hub_cached_config(location)
+    if source is None and location not in KNOWN_ENCODERS:
+        from huggingface_hub import constants
+
+        raise EncoderConfigNotFound(
+            f"the architecture of encoder {location!r} is not on this machine: no folder of that name, no "
+            f"config.json for it in the Hugging Face cache ({constants.HF_HUB_CACHE}), and it is not one of the "
+            f"encoders known without it ({', '.join(sorted(KNOWN_ENCODERS))}); pass --encoder-config PATH (its "
+            f"config.json, e.g. `huggingface-cli download {location} config.json` on a machine with network)")
+    with tempfile.TemporaryDirectory(prefix="xmc-dst-encoder-") as folder:
+        if source is None:
+            (Path(folder) / "config.json").write_text(json.dumps(KNOWN_ENCODERS[location]), encoding="utf-8")
+            note = (f"encoder {location}: architecture from xmc-dst's table of known encoders (its config.json is "
+                    "not on this machine); pass --encoder-config PATH to use the file")
+        else:
+            shutil.copyfile(source, Path(folder) / "config.json")
+            note = None
+        yield folder, note
 
 
 def transformer_activation_bytes(batch: int, seq: int, hidden: int, heads: int, layers: int, element_bytes: int,
@@ -195,16 +275,26 @@ def _import(path: str) -> Any:
 
 
 def _count_encoder(encoder_spec: Mapping[str, Any], tokenizer: str | None, num_features: int | None,
-                   ) -> tuple[nn.Module, int, int]:
-    """Build the encoder on the meta device (no memory, no weights read) and count its parameters."""
+                   encoder_config: str | Path | None = None) -> tuple[nn.Module, int, int, str | None]:
+    """Build the encoder on the meta device (no memory, no weights read, no network) and count its parameters; a
+    transformer's architecture comes from :func:`encoder_architecture` (with its note, if any)."""
     from xmc_dst.components import resolve_factory
     from xmc_dst.encoders import EncoderInputs
 
-    factory = resolve_factory(dict(encoder_spec))
-    with torch.device("meta"):
-        encoder = factory(EncoderInputs(tokenizer=tokenizer, num_features=num_features, pretrained_weights=False))
+    args = _init_args(encoder_spec)
+    location = args.get("pretrained") or tokenizer
+    if "BagOfWords" in str(encoder_spec.get("class_path")) or location is None:
+        architecture: Any = contextlib.nullcontext((None, None))
+    else:
+        architecture = encoder_architecture(str(location), encoder_config)
+    with architecture as (folder, note):
+        spec = dict(encoder_spec) if folder is None else {"class_path": encoder_spec["class_path"],
+                                                          "init_args": {**args, "pretrained": folder}}
+        factory = resolve_factory(spec)
+        with torch.device("meta"):
+            encoder = factory(EncoderInputs(tokenizer=tokenizer, num_features=num_features, pretrained_weights=False))
     params = list(encoder.parameters())
-    return encoder, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    return encoder, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), note
 
 
 def _head_settings(model: Mapping[str, Any]) -> tuple[int, str]:
@@ -230,7 +320,8 @@ def _precision_bytes(precision: str) -> tuple[int, int]:
 
 def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int | None = None,
                     precision: str | None = None, max_length: int | None = None, num_labels: int | None = None,
-                    num_features: int | None = None, budget_gib: float | None = None) -> MemoryEstimate:
+                    num_features: int | None = None, budget_gib: float | None = None,
+                    encoder_config: str | Path | None = None) -> MemoryEstimate:
     """Estimate the training memory of a LightningCLI config, dense and sparse head side by side.
 
     Args:
@@ -240,10 +331,12 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         num_labels: the label count when the config does not give it (default: the data's published count).
         num_features: vocabulary size of bag-of-words data (default: read from the data).
         budget_gib: device memory to compare with (``fits``).
+        encoder_config: the transformer encoder's ``config.json`` (or its folder), where the encoder named in the
+            config is not on this machine (see :func:`encoder_architecture`).
 
-    The encoder is built on the meta device from its config (no weights are read), so its parameter counts,
-    frozen layers included, are exact. A DynamicSparseTraining callback in ``trainer.callbacks`` adds its map
-    and rewire buffers to the sparse column.
+    The encoder is built on the meta device from its architecture (no weights are read, nothing is downloaded), so
+    its parameter counts, frozen layers included, are exact. A DynamicSparseTraining callback in
+    ``trainer.callbacks`` adds its map and rewire buffers to the sparse column.
     """
     if not isinstance(config, Mapping):
         import yaml
@@ -280,7 +373,8 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         tokenizer = default_tokenizer()
     if num_features is None and "BagOfWords" in str(encoder_spec.get("class_path")):
         num_features = model.get("num_features") or (data_cls(**data).num_features if data_cls else None)
-    encoder, enc_params, enc_trainable = _count_encoder(encoder_spec, tokenizer, num_features)
+    encoder, enc_params, enc_trainable, architecture_note = _count_encoder(encoder_spec, tokenizer, num_features,
+                                                                           encoder_config)
     fan_in, head_optimizer = _head_settings(model)
     enc_groups = split_no_decay(encoder.named_parameters())  # XMCModule's two encoder groups
     enc_largest = max(sum(p.numel() for p in group) for group in enc_groups)
@@ -296,7 +390,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
     intermediate = int(model.get("intermediate_dim", 0) or 0)
     head_in = intermediate or enc_out
     aux = int(model.get("aux_clusters", 0) or 0)
-    notes = []
+    notes = [architecture_note] if architecture_note else []
     if model.get("aux_cluster_file") and not aux:
         try:
             aux = count_clusters(model["aux_cluster_file"])
@@ -338,11 +432,14 @@ def estimate_memory_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-labels", type=int, default=None)
     parser.add_argument("--num-features", type=int, default=None, help="bag-of-words vocabulary size")
     parser.add_argument("--budget-gib", type=float, default=None, help="device memory to fit in")
+    parser.add_argument("--encoder-config", default=None, metavar="PATH",
+                        help="the encoder's config.json (or its folder) where it is not on this machine")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     estimate = estimate_memory(args.config, batch_size=args.batch_size, precision=args.precision,
                                max_length=args.max_length, num_labels=args.num_labels,
-                               num_features=args.num_features, budget_gib=args.budget_gib)
+                               num_features=args.num_features, budget_gib=args.budget_gib,
+                               encoder_config=args.encoder_config)
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
     else:

@@ -378,7 +378,8 @@ class XMCModule(L.LightningModule):
                                      "checkpoint trained on this data")
                 self.label_names = list(names)
                 if self._clusters_pending and self.aux_head is not None:
-                    clusters = load_cluster_file(self.hparams.aux_cluster_file, len(names), self.label_names)
+                    keys = list(getattr(datamodule, "label_keys", names))  # LF data: label ids, not titles
+                    clusters = load_cluster_file(self.hparams.aux_cluster_file, len(names), keys)
                     self.label_clusters.copy_(clusters)
                     self._clusters_pending = False
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
