@@ -64,8 +64,8 @@ RELU_1024 = {"model.intermediate_dim": 1024, "model.intermediate_activation": "r
 DATASETS: dict[str, dict[str, Any]] = {
     "debtags": {"config": "configs/debtags.yaml", "fan_ins": (32, 128), "aux_clusters": 32, "aux_cutoff": 10,
                 "default": "sparse+intermediate",
-                "extra": {"sparse+intermediate+token-bag": {"model.encoder.init_args.token_bag_dim": 128,
-                                                             "model.encoder_lr": 1e-3, "trainer.max_epochs": 10},
+                "extra": {"sparse+intermediate+lexical": {"model.encoder.init_args.lexical_dim": 768,
+                                                           "data.init_args.lexical_features": 100_000},
                           # MiniLM fine-tuned end to end (every layer trains; no feature cache): 3 epochs
                           "sparse+intermediate+fine-tuned": {"model.encoder.init_args.trainable_layers": -1,
                                                              "model.encoder.init_args.cache_features": False,

@@ -51,10 +51,12 @@ class TextCollate:
     """Turn Arrow rows (``input_ids``, ``label_ids``, ``doc_index``) into the text batch dict.
 
     ``input_ids``/``attention_mask`` are padded to the longest document in the batch, capped at ``max_length``.
+    With ``lexical``, the rows' ``lexical_ids``/``lexical_values`` become ``lexical_ids``, ``lexical_values`` and
+    ``lexical_offsets`` (CSR).
     """
 
-    def __init__(self, pad_token_id: int, max_length: int) -> None:
-        self.pad_token_id, self.max_length = pad_token_id, max_length
+    def __init__(self, pad_token_id: int, max_length: int, lexical: bool = False) -> None:
+        self.pad_token_id, self.max_length, self.lexical = pad_token_id, max_length, lexical
 
     def __call__(self, rows: pa.Table | list[pa.Table]) -> dict[str, torch.Tensor]:
         table = pa.concat_tables(rows) if isinstance(rows, list) else rows
@@ -70,13 +72,19 @@ class TextCollate:
         input_ids[index] = torch.from_numpy(tokens[keep])
         attention_mask[index] = 1
         labels, label_lengths = _ragged(table.column("label_ids"))
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "label_ids": torch.from_numpy(labels),
             "label_offsets": _offsets(label_lengths),
             "doc_index": torch.from_numpy(table.column("doc_index").to_numpy().astype(np.int64)),
         }
+        if self.lexical:
+            ids, lengths = _ragged(table.column("lexical_ids"))
+            values = pc.list_flatten(table.column("lexical_values")).to_numpy(zero_copy_only=False)
+            batch.update(lexical_ids=torch.from_numpy(ids), lexical_offsets=_offsets(lengths),
+                         lexical_values=torch.from_numpy(values.astype(np.float32)))
+        return batch
 
 
 def gather_csr(

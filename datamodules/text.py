@@ -9,7 +9,10 @@ memory-mapped on every rank.
 Cache directory content: ``train/`` and ``test/`` (``datasets.save_to_disk``: ``doc_index``, ``label_ids``,
 ``input_ids`` as int32, truncated to ``max_length`` with special tokens), ``label_names.json`` (the vocabulary, index
 = label id), ``label_counts.npy`` (label frequencies over the whole training file) and ``meta.json`` (the fingerprint
-inputs and per-split statistics such as test labels dropped because training never saw them).
+inputs and per-split statistics such as test labels dropped because training never saw them). With lexical features
+on (``lexical_features > 0``) each split also holds ``lexical_ids``/``lexical_values`` (the document's TF-IDF vector
+over word n-grams of its whole text, see :mod:`xmc_dst.lexical`) and the cache ``lexical.npz``/``lexical.json``
+(the vocabulary, fitted on the training file).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from xmc_dst.lexical import LexicalVocabulary
 from xmc_dst.paths import cache_root, default_tokenizer
 
 from .base import XMCDataModule, split_indices
@@ -39,11 +43,13 @@ CACHE_VERSION = 1
 SPLITS = ("train", "test")
 
 
-def _features(tokenised: bool):
+def _features(tokenised: bool, lexical: bool = False):
     from datasets import Features, List, Value
 
     columns = {"doc_index": Value("int64"), "label_ids": List(Value("int32"))}
     columns.update({"input_ids": List(Value("int32"))} if tokenised else {"text": Value("string")})
+    if tokenised and lexical:
+        columns.update({"lexical_ids": List(Value("int32")), "lexical_values": List(Value("float32"))})
     return Features(columns)
 
 
@@ -57,7 +63,8 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def _tokenize(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list]:
+def _tokenize(batch: dict[str, list], tokenizer: Any, max_length: int,
+              lexical: LexicalVocabulary | None = None) -> dict[str, list]:
     encoded = tokenizer(
         batch["text"],
         truncation=True,
@@ -65,7 +72,12 @@ def _tokenize(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[s
         return_attention_mask=False,
         return_token_type_ids=False,
     )
-    return {"input_ids": encoded["input_ids"]}
+    out = {"input_ids": encoded["input_ids"]}
+    if lexical is not None:  # over the whole text, not only the tokens the transformer keeps
+        rows = [lexical.transform(text) for text in batch["text"]]
+        out["lexical_ids"] = [ids for ids, _ in rows]
+        out["lexical_values"] = [values for _, values in rows]
+    return out
 
 
 def text_only_docs(text_path: str) -> Iterator[dict[str, Any]]:
@@ -83,8 +95,10 @@ def build_split(
     workdir: Path,
     out: Path,
     tag: str,
+    lexical: LexicalVocabulary | None = None,
 ) -> None:
-    """Tokenise the documents of ``generator`` into an Arrow dataset saved at ``out`` (streaming, bounded memory)."""
+    """Tokenise the documents of ``generator`` into an Arrow dataset saved at ``out`` (streaming, bounded memory),
+    with their lexical features when ``lexical`` is given."""
     from datasets import Dataset
     from datasets.exceptions import DatasetGenerationError
 
@@ -104,10 +118,10 @@ def build_split(
         _tokenize,
         batched=True,
         batch_size=1000,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "lexical": lexical},
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=["text"],
-        features=_features(True),
+        features=_features(True, lexical is not None),
         cache_file_name=str(scratch / "tokens.arrow"),
         new_fingerprint=f"{tag}-tokens",
         desc=f"Tokenising {tag}",
@@ -131,12 +145,24 @@ class TokenizedTextDataModule(XMCDataModule):
             ``<root>/<dataset>/<fingerprint>``.
         num_proc: processes for tokenisation.
         predict_file: a text file (one document per line) for ``predict``; default: the test split.
+        lexical_features: size of the TF-IDF vocabulary of word n-grams fitted on the training file (0: no lexical
+            features); batches then carry ``lexical_ids``/``lexical_values``/``lexical_offsets`` (CSR) and
+            ``num_lexical_features`` is the vocabulary's size (fewer when fewer terms reach ``lexical_min_df``).
+        lexical_ngrams: the longest word n-gram of the lexical features.
+        lexical_min_df: the fewest training documents a term must occur in.
         **kwargs: the shared settings of :class:`~datamodules.base.XMCDataModule`.
     """
 
     def __init__(self, tokenizer: str | None = None, max_length: int = 128, cache_dir: str | Path | None = None,
-                 num_proc: int = 1, predict_file: str | Path | None = None, **kwargs: Any) -> None:
+                 num_proc: int = 1, predict_file: str | Path | None = None, lexical_features: int = 0,
+                 lexical_ngrams: int = 2, lexical_min_df: int = 2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if lexical_features < 0 or lexical_ngrams < 1 or lexical_min_df < 1:
+            raise ValueError(f"lexical_features must be >= 0 and lexical_ngrams, lexical_min_df >= 1; got "
+                             f"{lexical_features}, {lexical_ngrams}, {lexical_min_df}")
+        self.lexical_settings = ((int(lexical_features), int(lexical_ngrams), int(lexical_min_df))
+                                 if lexical_features else None)
+        self._lexical: LexicalVocabulary | None = None
         self.tokenizer_name = str(tokenizer) if tokenizer is not None else default_tokenizer()
         self.max_length = int(max_length)
         self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
@@ -195,6 +221,8 @@ class TokenizedTextDataModule(XMCDataModule):
                 "max_length": self.max_length,
                 "extra": self._fingerprint_extra(),
             }
+            if self.lexical_settings is not None:  # absent when off: caches built before the option stay valid
+                parts["lexical"] = list(self.lexical_settings)
             self._fingerprint_inputs = parts
             self._cache_path = self.cache_root / self.dataset_name / fingerprint(parts)
         return self._cache_path
@@ -217,12 +245,13 @@ class TokenizedTextDataModule(XMCDataModule):
         with atomic_directory(final) as tmp:
             (tmp / "label_names.json").write_text(json.dumps(names, ensure_ascii=False), encoding="utf-8")
             np.save(tmp / "label_counts.npy", counts)
+            lexical = self._fit_lexical(tmp)
             splits = {}
             for split in SPLITS:
                 stats_path = tmp / f"{split}-stats.json"
                 generator, kwargs = self._generator(split, tmp / "label_names.json", stats_path)
                 build_split(generator, kwargs, self.tokenizer, self.max_length, self.num_proc, tmp, tmp / split,
-                            f"{self.dataset_name}-{final.name}-{split}")
+                            f"{self.dataset_name}-{final.name}-{split}", lexical=lexical)
                 splits[split] = json.loads(stats_path.read_text(encoding="utf-8"))
                 stats_path.unlink()
             meta = {
@@ -234,6 +263,33 @@ class TokenizedTextDataModule(XMCDataModule):
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         log.info("%s: cached tokenised splits in %s", self.dataset_name, final)
+
+    def _fit_lexical(self, folder: Path) -> LexicalVocabulary | None:
+        """Fit the lexical vocabulary on the training file's texts and save it in the cache being built."""
+        if self.lexical_settings is None:
+            return None
+        generator, kwargs = self._generator("train", folder / "label_names.json", folder / "lexical-stats.json")
+        max_features, ngrams, min_df = self.lexical_settings
+        vocabulary = LexicalVocabulary.fit(lambda: (doc["text"] for doc in generator(**kwargs)), max_features,
+                                           ngrams, min_df)
+        (folder / "lexical-stats.json").unlink(missing_ok=True)
+        vocabulary.save(folder)
+        log.info("%s: %d lexical features (word 1-%d-grams in >= %d training documents)", self.dataset_name,
+                 len(vocabulary), ngrams, min_df)
+        return vocabulary
+
+    @property
+    def lexical_vocabulary(self) -> LexicalVocabulary | None:
+        """The fitted TF-IDF vocabulary (None without lexical features); builds the cache if needed."""
+        if self.lexical_settings is not None and self._lexical is None:
+            self._lexical = LexicalVocabulary.load(self._ensure_cache())
+        return self._lexical
+
+    @property
+    def num_lexical_features(self) -> int | None:
+        """Width of the lexical features (None without them)."""
+        vocabulary = self.lexical_vocabulary
+        return len(vocabulary) if vocabulary is not None else None
 
     def _label_state(self) -> tuple[list[str], np.ndarray, int]:
         if self._labels is None:
@@ -358,8 +414,9 @@ class TokenizedTextDataModule(XMCDataModule):
                 if not path.is_dir():
                     with atomic_directory(path) as tmp:
                         build_split(text_only_docs, {"text_path": str(source)}, self.tokenizer, self.max_length,
-                                    self.num_proc, tmp, tmp / "data", f"{self.dataset_name}-predict")
+                                    self.num_proc, tmp, tmp / "data", f"{self.dataset_name}-predict",
+                                    lexical=self.lexical_vocabulary)
         return path / "data"
 
     def _collate(self, split: str) -> TextCollate:
-        return TextCollate(self.tokenizer.pad_token_id or 0, self.max_length)
+        return TextCollate(self.tokenizer.pad_token_id or 0, self.max_length, self.lexical_settings is not None)

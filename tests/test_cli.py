@@ -249,3 +249,34 @@ def test_ckpt_path_last_continues_the_newest_version_with_a_last_checkpoint(tmp_
     assert resolved("last", version=12) == 12  # an explicit version wins
     assert resolved(None) is None and resolved("best.ckpt") is None  # a new run: a new version
     assert resolved("last", subcommand="validate") is None
+
+
+def test_lexical_channel_end_to_end_and_predictor_featurizes_like_the_cache(tiny_data, tiny_encoder_dir, tmp_path):
+    """TF-IDF features from the DataModule reach the encoder's projection through the argument link; the checkpoint
+    carries the vocabulary, and the Predictor, featurising raw texts itself, ranks as ``predict`` over the cache."""
+    args = base_args(tiny_data, tiny_encoder_dir, tmp_path, "--data.lexical_features", "40",
+                     "--data.lexical_min_df", "1", "--model.encoder.lexical_dim", "12",
+                     "--model.encoder.trainable_layers", "0", "--model.encoder.lexical_lr", "0.05")
+    run = cli(["fit", *args, "--trainer.max_epochs", "6"])
+    model, data = run.model, run.datamodule
+    assert model.hparams.num_lexical_features == data.num_lexical_features == model.encoder.lexical.keys.numel()
+    assert model.encoder.lexical.vocabulary().kept.tolist() == data.lexical_vocabulary.kept.tolist()
+    groups = {g["name"]: g for g in run.trainer.optimizers[0].param_groups}
+    assert groups["lexical"]["params"] == [model.encoder.lexical.bag.weight]
+    assert model.encoder.lexical.bag.weight not in groups["encoder"]["params"] + groups["encoder_no_decay"]["params"]
+    best = run.trainer.checkpoint_callback.best_model_path
+
+    texts = ["python library the tool", "game network", "data file data", "the"]
+    predict_file = tmp_path / "docs.txt"
+    predict_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    output = tmp_path / "predictions.jsonl"
+    cli(["predict", *args, "--ckpt_path", best, "--data.predict_file", str(predict_file),
+         "--prediction_writer.output", str(output)])
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+
+    from xmc_dst.inference import Predictor
+
+    results = Predictor.from_checkpoint(best, device="cpu", batch_size=3).predict(texts, k=5)
+    for record, result in zip(records, results, strict=True):
+        assert [name for name, _ in result] == record["labels"]
+        assert [score for _, score in result] == pytest.approx(record["scores"], abs=1e-5)

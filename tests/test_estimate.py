@@ -120,6 +120,22 @@ def test_estimate_counts_a_transformer_exactly_and_compares_heads_at_670k(tiny_e
     assert estimate.to_dict()["heads"]["dense"]["total"] == estimate.total("dense")
 
 
+def test_estimate_counts_the_lexical_projection_table(tiny_encoder_dir):
+    def config(lexical_dim: int) -> dict:
+        return {"model": {"class_path": "xmc_dst.model.XMCModule", "init_args": {
+            "encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder",
+                        "init_args": {"trainable_layers": 0, "lexical_dim": lexical_dim}},
+            "tokenizer": str(tiny_encoder_dir), "intermediate_dim": 64}},
+            "data": {"class_path": "datamodules.RawTextXMCDataModule", "init_args": {"lexical_features": 5000}}}
+
+    plain, lexical = (estimate_memory(config(dim), num_labels=1000).parts["sparse"] for dim in (0, 48))
+    table = 5000 * 48
+    assert lexical["encoder"].params - plain["encoder"].params == 4 * table
+    assert lexical["encoder"].grads - plain["encoder"].grads == 4 * table
+    # the intermediate layer reads the wider concatenation
+    assert lexical["intermediate"].params - plain["intermediate"].params == 4 * 48 * 64
+
+
 def test_parts_formula_reports_the_budget_verdict():
     estimate = estimate_memory_parts(num_labels=670_091, head_in=768, fan_in=32, batch_size=32,
                                      encoder_params=110_000_000, budget_bytes=8 << 30)

@@ -86,6 +86,10 @@ def _num_features_of(data: Any) -> int | None:
     return getattr(data, "num_features", None) if hasattr(type(data), "num_features") else None
 
 
+def _num_lexical_features_of(data: Any) -> int | None:
+    return getattr(data, "num_lexical_features", None)
+
+
 def _get_key(config: Any, key: str, default: Any = None) -> Any:
     """``config[key]`` of a jsonargparse Namespace or a dict, ``default`` when absent."""
     try:
@@ -172,6 +176,8 @@ class XMCLightningCLI(LightningCLI):
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data", "model.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
         parser.link_arguments("data", "model.num_features", compute_fn=_num_features_of, apply_on="instantiate")
+        parser.link_arguments("data", "model.num_lexical_features", compute_fn=_num_lexical_features_of,
+                              apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         """``fit --ckpt_path last``: log to the version directory of the run being resumed (unless a version is

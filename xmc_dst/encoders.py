@@ -12,12 +12,15 @@ Every encoder has ``output_dim`` and ``forward(batch) -> [batch, output_dim]``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from xmc_dst.lexical import LexicalVocabulary
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ Pooling = Literal["cls", "mean", "cls_concat"]
 Activation = Literal["identity", "relu", "gelu", "tanh"]
 
 __all__ = ["ACTIVATIONS", "BagOfWordsEncoder", "EncoderFactory", "EncoderInputs", "TransformerEncoder",
-           "activation", "masked_mean"]
+           "LexicalProjection", "activation", "masked_mean"]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "identity": nn.Identity,
@@ -51,12 +54,14 @@ class EncoderInputs:
         tokenizer: directory or hub name of the tokenizer of text data (also where the encoder weights are, unless
             the encoder names another place).
         num_features: vocabulary size of bag-of-words data.
+        num_lexical_features: width of the data's lexical TF-IDF features (text data with ``lexical_features``).
         pretrained_weights: load the pretrained weights (False: the architecture only, e.g. before loading a
             checkpoint that holds all weights anyway).
     """
 
     tokenizer: str | None = None
     num_features: int | None = None
+    num_lexical_features: int | None = None
     pretrained_weights: bool = True
 
 
@@ -67,6 +72,82 @@ def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of ``hidden`` [batch, seq, dim] over the positions where ``attention_mask`` is 1 (0 for empty rows)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class LexicalProjection(nn.Module):
+    """A trainable linear map of the document's sparse TF-IDF vector: an ``EmbeddingBag`` weighted by the values.
+
+    The table has one row per lexical feature; a batch touches the rows of its documents' terms only, so the
+    gradient is sparse and the optimizer (:class:`xmc_dst.optim.GroupwiseOptimizer`) updates only those rows: a
+    vocabulary of hundreds of thousands of terms costs its table (and two Adam moments) in memory, not in time.
+    The fitted vocabulary (term keys, idf, n-gram length: :class:`xmc_dst.lexical.LexicalVocabulary`) is held in
+    buffers, so a checkpoint carries what inference needs to featurise new texts (:meth:`featurize`); the model
+    copies it from the DataModule (:meth:`set_vocabulary`).
+
+    Args:
+        num_features: the vocabulary's size.
+        dim: output width.
+        lr: learning rate of the table's optimizer group.
+    """
+
+    def __init__(self, num_features: int, dim: int, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(num_features, dim, mode="sum", sparse=True)
+        nn.init.normal_(self.bag.weight, std=0.5 * dim**-0.5)
+        self.lr = float(lr)
+        self.register_buffer("keys", torch.zeros(num_features, dtype=torch.long))
+        self.register_buffer("idf", torch.zeros(num_features))
+        self.register_buffer("ngrams", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def for_inputs(cls, inputs: EncoderInputs, dim: int, lr: float) -> LexicalProjection | None:
+        """The projection an encoder asked for (``dim > 0``), sized by the data's lexical features."""
+        if dim < 0:
+            raise ValueError(f"lexical_dim must be >= 0, got {dim}")
+        if dim == 0:
+            return None
+        if not inputs.num_lexical_features:
+            raise ValueError(f"lexical_dim={dim} needs lexical features from the data: set the DataModule's "
+                             "lexical_features (e.g. --data.init_args.lexical_features 100000), or lexical_dim 0")
+        return cls(int(inputs.num_lexical_features), dim, lr)
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        return [dict(name="lexical", params=[self.bag.weight], lr=self.lr, weight_decay=0.0)]
+
+    @torch.no_grad()
+    def set_vocabulary(self, vocabulary: LexicalVocabulary) -> None:
+        """Hold ``vocabulary`` (from the DataModule); it must have as many features as the table has rows."""
+        if len(vocabulary) != self.keys.numel():
+            raise ValueError(f"the data has {len(vocabulary)} lexical features, the lexical projection was built for "
+                             f"{self.keys.numel()}")
+        self.keys.copy_(torch.from_numpy(vocabulary.kept))
+        self.idf.copy_(torch.from_numpy(vocabulary.idf))
+        self.ngrams.fill_(vocabulary.ngrams)
+
+    def vocabulary(self) -> LexicalVocabulary:
+        if int(self.ngrams) < 1:
+            raise RuntimeError("the lexical projection holds no vocabulary yet (set_vocabulary, or a checkpoint)")
+        return LexicalVocabulary(self.keys.cpu().numpy(), self.idf.cpu().numpy(), int(self.ngrams))
+
+    def featurize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """The ``lexical_ids``/``lexical_values``/``lexical_offsets`` batch entries of raw texts."""
+        vocabulary = self.vocabulary()
+        rows = [vocabulary.transform(text) for text in texts]
+        lengths = torch.tensor([0] + [len(ids) for ids, _ in rows])
+        device = self.keys.device
+        return {
+            "lexical_ids": torch.from_numpy(np.concatenate([ids for ids, _ in rows])).long().to(device),
+            "lexical_values": torch.from_numpy(np.concatenate([v for _, v in rows])).float().to(device),
+            "lexical_offsets": torch.cumsum(lengths, 0).to(device),
+        }
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if "lexical_ids" not in batch:
+            raise KeyError("the batch has no lexical features: the encoder's lexical_dim needs the DataModule's "
+                           "lexical_features")
+        offsets = batch["lexical_offsets"]
+        return self.bag(batch["lexical_ids"].long(), offsets[:-1].long(),
+                        per_sample_weights=batch["lexical_values"].to(self.bag.weight.dtype))
 
 
 class TransformerEncoder(nn.Module):
@@ -96,19 +177,19 @@ class TransformerEncoder(nn.Module):
         length_chunks: run each batch as this many chunks of documents of similar length, each trimmed to its
             longest document: less compute on padding when the batch's lengths vary (pays off on CPU; the results
             are those of the whole batch, as padding is masked).
-        token_bag_dim: width of a trainable bag-of-tokens embedding concatenated to the pooled vector (0: none).
-            Sparse lexical input beside the dense embedding, as XR-Transformer combines TF-IDF with its encoder:
-            an ``EmbeddingBag`` over the document's token ids (and hashed token bigrams), weighted by
-            ``1/sqrt(tokens)``, i.e. a learned linear map of the L2-scaled term counts. It trains even when the
-            transformer is frozen, and its rows stay rare-word specific, which helps tail labels (PSP).
-        token_bag_buckets: hash buckets for token bigrams in the bag (0: unigrams only).
+        lexical_dim: width of a trainable projection of the document's TF-IDF vector (the data's lexical
+            features: ``lexical_features`` of the text DataModules), concatenated to the pooled vector before the
+            dropout (0: none). The exact words of a short text (names, versions, technical terms), which a frozen
+            sentence embedding blurs, reach the layers above; XR-Transformer and NGAME-style systems combine the
+            same sparse features with their encoder. See :class:`LexicalProjection`.
+        lexical_lr: learning rate of the projection (its own optimizer group: sparse, lazily updated rows).
     """
 
     def __init__(self, inputs: EncoderInputs, pooling: Pooling = "mean", num_layers: int = 1,
                  layers: list[int] | None = None, dropout: float = 0.0, pretrained: str | None = None,
                  trainable_layers: int = -1, compile: bool = False, compile_options: dict[str, Any] | None = None,
                  gradient_checkpointing: bool = False, cache_features: bool = False, length_chunks: int = 1,
-                 token_bag_dim: int = 0, token_bag_buckets: int = 0) -> None:
+                 lexical_dim: int = 0, lexical_lr: float = 1e-3) -> None:
         super().__init__()
         if pooling not in ("cls", "mean", "cls_concat"):
             raise ValueError(f"pooling must be cls, mean or cls_concat, got {pooling!r}")
@@ -127,16 +208,8 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"layers must index the {available} hidden states of {location} (0: embeddings), "
                              f"got {layers}")
         self.layers = [int(layer) for layer in layers]
-        if token_bag_dim < 0 or token_bag_buckets < 0:
-            raise ValueError(f"token_bag_dim and token_bag_buckets must be >= 0, got {token_bag_dim}, "
-                             f"{token_bag_buckets}")
-        self.vocab_size = int(self.transformer.config.vocab_size)
-        self.token_bag_buckets = token_bag_buckets
-        self.token_bag: nn.EmbeddingBag | None = None
-        if token_bag_dim:
-            self.token_bag = nn.EmbeddingBag(self.vocab_size + token_bag_buckets, token_bag_dim, mode="sum")
-            nn.init.normal_(self.token_bag.weight, std=token_bag_dim**-0.5)
-        self.output_dim = hidden * len(self.layers) + token_bag_dim
+        self.lexical = LexicalProjection.for_inputs(inputs, lexical_dim, lexical_lr)
+        self.output_dim = hidden * len(self.layers) + lexical_dim
         self.dropout = nn.Dropout(dropout)
         self.frozen = _freeze_below(self.transformer, trainable_layers)
         if cache_features and not self.frozen:
@@ -194,20 +267,9 @@ class TransformerEncoder(nn.Module):
                 self.cache[keys[i]] = fresh[j]
         return torch.stack([self.cache[key] for key in keys]).to(input_ids.device)
 
-    def bag_of_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The token bag: embeddings of the real tokens (and hashed bigrams) summed with weight 1/sqrt(count)."""
-        mask = attention_mask.bool()
-        ids, valid = [input_ids], [mask]
-        if self.token_bag_buckets and input_ids.shape[1] > 1:
-            first, second = input_ids[:, :-1].long(), input_ids[:, 1:].long()
-            ids.append(self.vocab_size + (first * 1_000_003 + second) % self.token_bag_buckets)
-            valid.append(mask[:, :-1] & mask[:, 1:])
-        ids_all, valid_all = torch.cat(ids, dim=1).long(), torch.cat(valid, dim=1)
-        counts = valid_all.sum(1)
-        weights = counts.clamp(min=1).to(self.token_bag.weight.dtype).rsqrt()
-        offsets = torch.zeros_like(counts)
-        offsets[1:] = counts.cumsum(0)[:-1]
-        return self.token_bag(ids_all[valid_all], offsets, per_sample_weights=weights.repeat_interleave(counts))
+    def own_optimizer_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups with settings of their own (the lexical projection), apart from the encoder's."""
+        return self.lexical.optimizer_groups() if self.lexical is not None else []
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -215,8 +277,8 @@ class TransformerEncoder(nn.Module):
             pooled = self._pooled_cached(input_ids, attention_mask)
         else:
             pooled = self.pooled(input_ids, attention_mask)
-        if self.token_bag is not None:
-            pooled = torch.cat([pooled, self.bag_of_tokens(input_ids, attention_mask)], dim=-1)
+        if self.lexical is not None:
+            pooled = torch.cat([pooled, self.lexical(batch)], dim=-1)
         return self.dropout(pooled)
 
 

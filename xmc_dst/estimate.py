@@ -275,9 +275,11 @@ def _import(path: str) -> Any:
 
 
 def _count_encoder(encoder_spec: Mapping[str, Any], tokenizer: str | None, num_features: int | None,
-                   encoder_config: str | Path | None = None) -> tuple[nn.Module, int, int, str | None]:
-    """Build the encoder on the meta device (no memory, no weights read, no network) and count its parameters; a
-    transformer's architecture comes from :func:`encoder_architecture` (with its note, if any)."""
+                   encoder_config: str | Path | None = None,
+                   num_lexical_features: int | None = None) -> tuple[nn.Module, int, int, str | None]:
+    """Build the encoder on the meta device (no memory, no weights read, no network) and count its parameters (a
+    lexical projection's table included); a transformer's architecture comes from :func:`encoder_architecture` (with
+    its note, if any)."""
     from xmc_dst.components import resolve_factory
     from xmc_dst.encoders import EncoderInputs
 
@@ -292,7 +294,8 @@ def _count_encoder(encoder_spec: Mapping[str, Any], tokenizer: str | None, num_f
                                                           "init_args": {**args, "pretrained": folder}}
         factory = resolve_factory(spec)
         with torch.device("meta"):
-            encoder = factory(EncoderInputs(tokenizer=tokenizer, num_features=num_features, pretrained_weights=False))
+            encoder = factory(EncoderInputs(tokenizer=tokenizer, num_features=num_features,
+                                            num_lexical_features=num_lexical_features, pretrained_weights=False))
     params = list(encoder.parameters())
     return encoder, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), note
 
@@ -373,8 +376,8 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         tokenizer = default_tokenizer()
     if num_features is None and "BagOfWords" in str(encoder_spec.get("class_path")):
         num_features = model.get("num_features") or (data_cls(**data).num_features if data_cls else None)
-    encoder, enc_params, enc_trainable, architecture_note = _count_encoder(encoder_spec, tokenizer, num_features,
-                                                                           encoder_config)
+    encoder, enc_params, enc_trainable, architecture_note = _count_encoder(
+        encoder_spec, tokenizer, num_features, encoder_config, int(data.get("lexical_features", 0) or 0) or None)
     fan_in, head_optimizer = _head_settings(model)
     enc_groups = split_no_decay(encoder.named_parameters())  # XMCModule's two encoder groups
     enc_largest = max(sum(p.numel() for p in group) for group in enc_groups)

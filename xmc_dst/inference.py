@@ -100,13 +100,18 @@ class Predictor:
         return cls(module, tokenizer, max_length, batch_size, autocast_dtype)
 
     def encode(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """The text batch dict of ``texts`` (padded to the longest, truncated to ``max_length``)."""
+        """The text batch dict of ``texts`` (padded to the longest, truncated to ``max_length``; with the lexical
+        features of the whole texts when the encoder projects them)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (bag-of-words data): use topk_batch with feature batches")
         encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
-        return {"input_ids": encoded["input_ids"].to(self.device),
-                "attention_mask": encoded["attention_mask"].to(self.device)}
+        batch = {"input_ids": encoded["input_ids"].to(self.device),
+                 "attention_mask": encoded["attention_mask"].to(self.device)}
+        lexical = getattr(self.module.encoder, "lexical", None)
+        if lexical is not None:  # the TF-IDF vocabulary travels in the checkpoint's buffers
+            batch.update(lexical.featurize(list(texts)))
+        return batch
 
     @torch.no_grad()
     def topk_batch(self, batch: Mapping[str, Tensor], k: int = 5) -> tuple[Tensor, Tensor]:

@@ -115,6 +115,8 @@ class XMCModule(L.LightningModule):
         tokenizer: tokenizer directory or hub name of text data (linked from the DataModule); the encoder weights
             are read from there unless the encoder names ``pretrained``.
         num_features: number of bag-of-words features (linked from a BoW DataModule).
+        num_lexical_features: width of the data's lexical TF-IDF features (linked from a text DataModule with
+            ``lexical_features``); the encoder's ``lexical_dim`` projects them.
         pretrained_weights: load the encoder's pretrained weights (False when a checkpoint provides all weights).
         head: head factory: a head class of :mod:`xmc_dst.heads` (``FixedFanInHead``, ``DenseHead``) with its
             arguments, optimizer settings included (a ``functools.partial`` or a ``{"class_path", "init_args"}``
@@ -148,6 +150,7 @@ class XMCModule(L.LightningModule):
         num_labels: int,
         tokenizer: str | None = None,
         num_features: int | None = None,
+        num_lexical_features: int | None = None,
         pretrained_weights: bool = True,
         head: HeadFactory | None = None,
         intermediate_dim: int = 0,
@@ -176,7 +179,8 @@ class XMCModule(L.LightningModule):
         self.save_hyperparameters()
         self._make_hparams_portable(encoder=encoder, head=head)
 
-        inputs = EncoderInputs(tokenizer=tokenizer, num_features=num_features, pretrained_weights=pretrained_weights)
+        inputs = EncoderInputs(tokenizer=tokenizer, num_features=num_features,
+                               num_lexical_features=num_lexical_features, pretrained_weights=pretrained_weights)
         self.encoder = resolve_factory(encoder, "encoder")(inputs)
         features = int(self.encoder.output_dim)
         if intermediate_dim > 0:
@@ -332,10 +336,14 @@ class XMCModule(L.LightningModule):
         group takes the head's own settings (``optimizer_settings``)."""
         hp, head = self.hparams, self.head.optimizer_settings
         side = dict(algorithm=hp.encoder_optimizer, momentum=hp.momentum)
-        decay, no_decay = split_no_decay(self.encoder.named_parameters())
+        own = [dict(group, algorithm="adamw", momentum=hp.momentum)
+               for group in getattr(self.encoder, "own_optimizer_groups", list)()]
+        taken = {id(p) for group in own for p in group["params"]}
+        decay, no_decay = split_no_decay((n, p) for n, p in self.encoder.named_parameters() if id(p) not in taken)
         groups = [
             dict(name="encoder", params=decay, lr=hp.encoder_lr, weight_decay=hp.encoder_weight_decay, **side),
             dict(name="encoder_no_decay", params=no_decay, lr=hp.encoder_lr, weight_decay=0.0, **side),
+            *own,
         ]
         if self.intermediate is not None:
             groups.append(dict(name="intermediate", params=list(self.intermediate.parameters()),
@@ -382,6 +390,10 @@ class XMCModule(L.LightningModule):
                     clusters = load_cluster_file(self.hparams.aux_cluster_file, len(names), keys)
                     self.label_clusters.copy_(clusters)
                     self._clusters_pending = False
+            vocabulary = getattr(datamodule, "lexical_vocabulary", None)
+            lexical = getattr(self.encoder, "lexical", None)
+            if lexical is not None and vocabulary is not None:
+                lexical.set_vocabulary(vocabulary)
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
                 inv_propensity = inverse_propensity(
                     datamodule.train_label_counts, datamodule.num_train_docs,

@@ -72,9 +72,14 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("GroupwiseOptimizer does not support sparse gradients")
-            if group["algorithm"] == "adamw":
+            sparse = [p for p in params if p.grad.is_sparse]
+            if sparse:
+                if group["algorithm"] != "adamw" or len(sparse) != len(params):
+                    raise RuntimeError(f"group {group.get('name', '?')!r}: sparse gradients need an adamw group of "
+                                       "sparse-gradient parameters only")
+                for p in sparse:
+                    self._lazy_adamw(group, p)
+            elif group["algorithm"] == "adamw":
                 self._adamw(group, params)
             else:
                 self._sgd(group, params)
@@ -104,6 +109,31 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
         torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**s) for s in steps])
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps])
+
+    def _lazy_adamw(self, group: dict[str, Any], p: Tensor) -> None:
+        """AdamW on the rows a sparse gradient touches (``torch.optim.SparseAdam``'s rule, plus decoupled decay of
+        those rows): rows a step does not touch keep their values and moments, so a large embedding table costs the
+        rows of the batch per step, not the whole table."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        grad = p.grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        avg = exp_avg[rows].lerp_(values, 1.0 - beta1)
+        avg_sq = exp_avg_sq[rows].mul_(beta2).addcmul_(values, values, value=1.0 - beta2)
+        exp_avg[rows], exp_avg_sq[rows] = avg, avg_sq
+        step = state["step"]
+        denom = avg_sq.sqrt_().div_(math.sqrt(1.0 - beta2**step)).add_(eps)
+        current = p[rows]
+        if wd != 0:
+            current.mul_(1.0 - lr * wd)
+        p[rows] = current.addcdiv_(avg, denom, value=-lr / (1.0 - beta1**step))
 
     def _sgd(self, group: dict[str, Any], params: list[Tensor]) -> None:
         lr, wd = group["lr"], group["weight_decay"]

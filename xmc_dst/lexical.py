@@ -1,0 +1,147 @@
+"""Lexical features: TF-IDF over word 1..n-grams, fitted on the training split, beside the transformer's tokens.
+
+Why: a frozen sentence embedding keeps the gist of a short text and loses the exact tokens that identify rare labels
+(names, versions, technical terms). Peers such as omikuji or PECOS win on those with TF-IDF features; XR-Transformer
+and NGAME-style systems feed the same features to the model beside the dense encoder. Here every document also gets
+a sparse TF-IDF vector, which the encoder projects with an ``EmbeddingBag`` (see
+:class:`xmc_dst.encoders.TransformerEncoder`'s ``lexical_dim``).
+
+Terms are the lower-cased words of two or more word characters (scikit-learn's default token pattern) and their
+n-grams up to ``ngrams``; each term is keyed by its CRC-32 (stable across runs and processes). Memory stays bounded
+whatever the corpus, as no table of all terms is ever built: a first pass counts document frequencies per
+``2**24``-bucket of the key (one 64 MiB counter); a second pass counts exact per-key frequencies only for the keys
+whose bucket reached ``min_df``; the vocabulary is the ``max_features`` keys with the largest document frequency (at
+least ``min_df``). Two terms share a feature only when their 32-bit keys collide (about one pair per 10^5 kept
+terms).
+
+Values are scikit-learn's ``TfidfVectorizer`` defaults: raw term counts times the smoothed inverse document
+frequency ``ln((1 + N) / (1 + df)) + 1``, each document L2-normalised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+BUCKET_BITS = 24
+WORD = re.compile(r"(?u)\b\w\w+\b")
+CHUNK_DOCS = 10_000
+
+
+def terms(text: str, ngrams: int) -> list[str]:
+    """The word 1..``ngrams``-grams of ``text`` (lower-cased words joined by a space)."""
+    words = WORD.findall(text.lower())
+    out = list(words)
+    for n in range(2, ngrams + 1):
+        out.extend(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+    return out
+
+
+def term_keys(text: str, ngrams: int) -> np.ndarray:
+    """The CRC-32 key of every term occurrence of ``text`` (int64, one per occurrence)."""
+    return np.fromiter((zlib.crc32(term.encode("utf-8")) for term in terms(text, ngrams)), dtype=np.int64)
+
+
+def _bucket_frequencies(texts: Iterable[str], ngrams: int) -> tuple[np.ndarray, int]:
+    """Document frequency of every key bucket, and the number of documents."""
+    df = np.zeros(1 << BUCKET_BITS, dtype=np.int32)
+    mask, num_docs, pending = (1 << BUCKET_BITS) - 1, 0, []
+    for text in texts:
+        pending.append(np.unique(term_keys(text, ngrams) & mask))
+        num_docs += 1
+        if len(pending) == CHUNK_DOCS:
+            df += np.bincount(np.concatenate(pending), minlength=len(df)).astype(np.int32)
+            pending = []
+    if pending:
+        df += np.bincount(np.concatenate(pending), minlength=len(df)).astype(np.int32)
+    return df, num_docs
+
+
+def _key_frequencies(texts: Iterable[str], ngrams: int, wanted_bucket: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact document frequencies of the keys whose bucket is ``wanted_bucket``: (sorted keys, counts)."""
+    mask = (1 << BUCKET_BITS) - 1
+    keys, counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pending: list[np.ndarray] = []
+
+    def merge() -> None:
+        nonlocal keys, counts
+        fresh, fresh_counts = np.unique(np.concatenate(pending), return_counts=True)
+        keys, inverse = np.unique(np.concatenate([keys, fresh]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([counts, fresh_counts]), minlength=len(keys))
+        counts = counts.astype(np.int64)
+        pending.clear()
+
+    for text in texts:
+        doc = np.unique(term_keys(text, ngrams))
+        pending.append(doc[wanted_bucket[doc & mask]])
+        if len(pending) == CHUNK_DOCS:
+            merge()
+    if pending:
+        merge()
+    return keys, counts
+
+
+class LexicalVocabulary:
+    """The fitted vocabulary: the kept term keys (sorted) and their inverse document frequencies.
+
+    Args:
+        kept: the sorted key of each feature (feature id = position).
+        idf: the inverse document frequency of each feature.
+        ngrams: the longest n-gram.
+    """
+
+    def __init__(self, kept: np.ndarray, idf: np.ndarray, ngrams: int) -> None:
+        self.kept = np.asarray(kept, dtype=np.int64)
+        self.idf = np.asarray(idf, dtype=np.float32)
+        self.ngrams = int(ngrams)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    @classmethod
+    def fit(cls, texts: Callable[[], Iterable[str]], max_features: int, ngrams: int = 2,
+            min_df: int = 2) -> LexicalVocabulary:
+        """Two passes over the training texts (``texts()`` returns a fresh iterable each time), then keep the
+        ``max_features`` most frequent keys (ties broken by key: deterministic)."""
+        if max_features < 1 or ngrams < 1 or min_df < 1:
+            raise ValueError(f"max_features, ngrams and min_df must be >= 1, got {max_features}, {ngrams}, {min_df}")
+        bucket_df, num_docs = _bucket_frequencies(texts(), ngrams)
+        keys, df = _key_frequencies(texts(), ngrams, bucket_df >= min_df)
+        keep = df >= min_df
+        keys, df = keys[keep], df[keep]
+        if len(keys) > max_features:
+            order = np.lexsort((keys, -df))[:max_features]
+            keys, df = keys[order], df[order]
+        order = np.argsort(keys)
+        idf = np.log((1.0 + num_docs) / (1.0 + df[order])) + 1.0
+        return cls(keys[order], idf, ngrams)
+
+    def transform(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(feature ids, values)`` of one document: sorted ids (int32), L2-normalised TF-IDF values (float32)."""
+        occurrences = term_keys(text, self.ngrams)
+        position = np.searchsorted(self.kept, occurrences)
+        position = np.minimum(position, max(0, len(self.kept) - 1))
+        found = occurrences[self.kept[position] == occurrences] if len(self.kept) else occurrences[:0]
+        ids, counts = np.unique(np.searchsorted(self.kept, found), return_counts=True)
+        values = counts.astype(np.float32) * self.idf[ids]
+        norm = math.sqrt(float(np.dot(values, values)))
+        return ids.astype(np.int32), values / norm if norm > 0 else values
+
+    def save(self, folder: Path) -> None:
+        """``lexical.npz`` (keys, idf) and ``lexical.json`` (settings) in ``folder``."""
+        np.savez(folder / "lexical.npz", kept=self.kept, idf=self.idf)
+        (folder / "lexical.json").write_text(json.dumps({"ngrams": self.ngrams, "features": len(self)}),
+                                             encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> LexicalVocabulary:
+        arrays = np.load(folder / "lexical.npz")
+        settings = json.loads((folder / "lexical.json").read_text(encoding="utf-8"))
+        return cls(arrays["kept"], arrays["idf"], settings["ngrams"])
+
