@@ -30,6 +30,23 @@ def _normalise(total, reduction, batch, labels):
     return {"sum": total, "mean": total / (batch * labels), "batch_mean": total / batch}[reduction]
 
 
+
+def test_positive_weights_scale_each_positive_term_as_dense_weighted_losses_do():
+    logits, ids, offsets = _random_batch(seed=3)
+    batch, labels = logits.shape
+    target = _dense_targets(ids, offsets, batch, labels)
+    weights = torch.rand(labels, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 9 + 1
+    element = torch.where(target.bool(), weights.expand(batch, labels), torch.ones_like(target))  # negatives: 1
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, weight=element, reduction="sum")
+    hinge = (element * torch.relu(1.0 - (2 * target - 1) * logits).square()).sum()
+    close = dict(rtol=1e-5, atol=1e-4)  # the losses compute in fp32
+    torch.testing.assert_close(bce_with_logits(logits, ids, offsets, "sum", weights).double(), bce, **close)
+    torch.testing.assert_close(squared_hinge(logits, ids, offsets, "sum", weights).double(), hinge, **close)
+    ones = torch.ones(labels, dtype=torch.float64)
+    unweighted = bce_with_logits(logits, ids, offsets, "sum")
+    torch.testing.assert_close(xmc_loss("bce", logits, ids, offsets, "sum", ones), unweighted, **close)
+
+
 def test_positive_logits_gathers_csr_positives():
     logits, ids, offsets = _random_batch()
     expected = [logits[row, ids[j]] for row in range(len(offsets) - 1) for j in range(offsets[row], offsets[row + 1])]

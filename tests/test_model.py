@@ -86,6 +86,33 @@ def test_training_step_loss_and_aux_mixture():
     torch.testing.assert_close(mixed, 0.75 * main + 0.25 * aux)
 
 
+
+def test_propensity_weighting_weights_each_positive_by_its_labels_inverse_propensity():
+    import types
+
+    module = _bow_module(loss="squared_hinge", loss_reduction="sum", positive_weighting="propensity")
+    data = _Data()
+    module._trainer = types.SimpleNamespace(datamodule=data)  # what setup() reads of the trainer
+    module.setup("fit")
+    module._trainer = None
+    batch = _bow_batch(2)
+    torch.manual_seed(5)
+    loss = module.training_step(batch, 0)
+    torch.manual_seed(5)
+    logits = module.logits_from_features(module.features(batch)).double()
+    counts = data.train_label_counts.double()  # Jain et al.'s formula, written out
+    c = (math.log(data.num_train_docs) - 1) * (data.propensity_b + 1) ** data.propensity_a
+    weights = 1 + c * (counts + data.propensity_b) ** -data.propensity_a
+    expected = 0.0
+    for row in range(logits.shape[0]):
+        positives = set(batch["label_ids"][batch["label_offsets"][row]:batch["label_offsets"][row + 1]].tolist())
+        for label in range(logits.shape[1]):
+            z = float(logits[row, label])
+            expected += float(weights[label]) * max(0, 1 - z) ** 2 if label in positives else max(0, 1 + z) ** 2
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="positive_weighting"):
+        _bow_module(positive_weighting="inverse")
+
 def test_label_clusters_from_file(tmp_path):
     groups = np.empty(2, dtype=object)
     groups[0], groups[1] = np.array([0, 2, 4]), np.array([1, 3])

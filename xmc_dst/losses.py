@@ -56,24 +56,36 @@ def _reduce(total: Tensor, logits: Tensor, reduction: str, loss: str) -> Tensor:
     raise ValueError(f"reduction must be one of auto, sum, mean, batch_mean; got {reduction!r}")
 
 
-def bce_with_logits(logits: Tensor, label_ids: Tensor, label_offsets: Tensor, reduction: Reduction = "auto") -> Tensor:
+def _weighted(terms: Tensor, label_ids: Tensor, positive_weights: Tensor | None) -> Tensor:
+    """The positives' loss terms, each times its label's weight when there are weights."""
+    if positive_weights is None:
+        return terms.sum()
+    weights = positive_weights.to(device=terms.device, dtype=terms.dtype)
+    return (terms * weights[label_ids.to(terms.device).long()]).sum()
+
+
+def bce_with_logits(logits: Tensor, label_ids: Tensor, label_offsets: Tensor, reduction: Reduction = "auto",
+                    positive_weights: Tensor | None = None) -> Tensor:
     """Binary cross-entropy ``sum softplus(z) - sum_{positives} z`` (exactly BCE with 0/1 targets), in fp32.
 
     ``softplus(z) = -log(1 - sigmoid(z))`` is the loss of a negative; a positive's loss ``softplus(-z)`` equals
-    ``softplus(z) - z``, hence the correction at the positives only.
+    ``softplus(z) - z``, hence the correction at the positives only. ``positive_weights`` [num_labels] multiplies
+    each positive's term by its label's weight (e.g. inverse propensities: tail positives count more).
     """
     z = logits.float()
-    total = F.softplus(z).sum() - positive_logits(z, label_ids, label_offsets).sum()
+    pos = positive_logits(z, label_ids, label_offsets)
+    total = F.softplus(z).sum() - F.softplus(pos).sum() + _weighted(F.softplus(-pos), label_ids, positive_weights)
     return _reduce(total, z, reduction, "bce")
 
 
 def squared_hinge(logits: Tensor, label_ids: Tensor, label_offsets: Tensor, reduction: Reduction = "auto",
-                  margin: float = 1.0) -> Tensor:
-    """Squared hinge ``sum max(0, margin - y z)^2`` with ``y = +1`` at positives and ``-1`` elsewhere, in fp32."""
+                  positive_weights: Tensor | None = None, margin: float = 1.0) -> Tensor:
+    """Squared hinge ``sum max(0, margin - y z)^2`` with ``y = +1`` at positives and ``-1`` elsewhere, in fp32;
+    ``positive_weights`` as in :func:`bce_with_logits`."""
     z = logits.float()
     pos = positive_logits(z, label_ids, label_offsets)
-    total = F.relu(margin + z).square().sum()
-    total = total - F.relu(margin + pos).square().sum() + F.relu(margin - pos).square().sum()
+    total = F.relu(margin + z).square().sum() - F.relu(margin + pos).square().sum()
+    total = total + _weighted(F.relu(margin - pos).square(), label_ids, positive_weights)
     return _reduce(total, z, reduction, "squared_hinge")
 
 
@@ -81,10 +93,10 @@ LOSSES = {"bce": bce_with_logits, "squared_hinge": squared_hinge}
 
 
 def xmc_loss(name: LossName, logits: Tensor, label_ids: Tensor, label_offsets: Tensor,
-             reduction: Reduction = "auto") -> Tensor:
+             reduction: Reduction = "auto", positive_weights: Tensor | None = None) -> Tensor:
     """Dispatch by loss name (``bce`` or ``squared_hinge``)."""
     try:
         fn = LOSSES[name]
     except KeyError:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {name!r}") from None
-    return fn(logits, label_ids, label_offsets, reduction)
+    return fn(logits, label_ids, label_offsets, reduction, positive_weights)

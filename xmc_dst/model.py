@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import lightning as L
 import torch
@@ -132,6 +132,9 @@ class XMCModule(L.LightningModule):
             :meth:`set_label_clusters`.
         loss: ``squared_hinge`` (the paper's) or ``bce``.
         loss_reduction: ``auto`` (the authors' normalisation for the loss), ``sum``, ``mean``, ``batch_mean``.
+        positive_weighting: ``none``, or ``propensity``: each positive's loss term times its label's inverse
+            propensity (Jain et al., 2016; the training split's counts, the DataModule's A and B), so a tail label's
+            few positives pull as hard as PSP@k counts them; negatives keep weight 1.
         encoder_optimizer: ``adamw`` or ``sgd`` for the encoder, the intermediate layer and the auxiliary head.
         encoder_lr, encoder_weight_decay: encoder learning rate and weight decay (none on biases and norms).
         intermediate_lr: learning rate of the intermediate layer (default: the head's).
@@ -159,6 +162,7 @@ class XMCModule(L.LightningModule):
         aux_cluster_file: str | None = None,
         loss: LossName = "squared_hinge",
         loss_reduction: Reduction = "auto",
+        positive_weighting: Literal["none", "propensity"] = "none",
         encoder_optimizer: Algorithm = "adamw",
         encoder_lr: float = 1e-5,
         encoder_weight_decay: float = 0.01,
@@ -176,6 +180,8 @@ class XMCModule(L.LightningModule):
             raise ValueError(f"num_labels must be positive, got {num_labels}")
         if loss not in ("bce", "squared_hinge"):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
+        if positive_weighting not in ("none", "propensity"):
+            raise ValueError(f"positive_weighting must be 'none' or 'propensity', got {positive_weighting!r}")
         self.save_hyperparameters()
         self._make_hparams_portable(encoder=encoder, head=head)
 
@@ -215,6 +221,7 @@ class XMCModule(L.LightningModule):
         self.test_metrics: XMCMetrics | None = None
         self._filter_pairs: Tensor | None = None
         self._filter_on_val = False
+        self._positive_weights: Tensor | None = None
         self.last_test_metrics: dict[str, float] = {}
 
     @staticmethod
@@ -320,7 +327,8 @@ class XMCModule(L.LightningModule):
         features = self.features(batch)
         logits = self.logits_from_features(features)
         label_ids, label_offsets = batch["label_ids"], batch["label_offsets"]
-        loss = xmc_loss(self.hparams.loss, logits, label_ids, label_offsets, self.hparams.loss_reduction)
+        loss = xmc_loss(self.hparams.loss, logits, label_ids, label_offsets, self.hparams.loss_reduction,
+                        self._positive_weights)
         size = logits.shape[0]
         if self.aux_head is not None:  # also at alpha 0: every parameter gets a gradient (DDP needs that)
             aux = self.aux_loss(features, label_ids, label_offsets)
@@ -398,6 +406,8 @@ class XMCModule(L.LightningModule):
                 inv_propensity = inverse_propensity(
                     datamodule.train_label_counts, datamodule.num_train_docs,
                     getattr(datamodule, "propensity_a", 0.55), getattr(datamodule, "propensity_b", 1.5))
+                if self.hparams.get("positive_weighting", "none") == "propensity":
+                    self._positive_weights = inv_propensity.float()
             pairs = getattr(datamodule, "filter_pairs", None)
             if pairs is not None and len(pairs):
                 self._filter_pairs = torch.as_tensor(pairs, dtype=torch.long)
