@@ -4,10 +4,12 @@ resume (random states, periodic atomic ``last.ckpt``).
 They work on any LightningModule: :class:`DynamicSparseTraining` rewires every submodule with the fixed fan-in
 rewiring protocol (``rewire``, ``reset_optimizer_state``, ``indices``), :class:`AuxiliaryObjective` drives a module
 with the small auxiliary protocol of :class:`callbacks.auxiliary.AuxiliaryModule`, :class:`MemoryProfiler` needs
-nothing. In a LightningCLI yaml: ``trainer.callbacks: [{class_path: callbacks.DynamicSparseTraining, ...}]``.
+nothing; :class:`TrainingBudget` chooses the number of epochs from the training set's size. In a LightningCLI
+yaml: ``trainer.callbacks: [{class_path: callbacks.DynamicSparseTraining, ...}]``.
 """
 
 from callbacks.auxiliary import AuxiliaryModule, AuxiliaryObjective
+from callbacks.budget import TrainingBudget
 from callbacks.dst import DynamicSparseTraining
 from callbacks.guard import FiniteLossGuard, NonFiniteLossError
 from callbacks.memory import MemoryProfiler
@@ -26,4 +28,5 @@ __all__ = [
     "OutOfMemoryAdvisor",
     "RandomStateCheckpoint",
     "RestoreLoaderPosition",
+    "TrainingBudget",
 ]
