@@ -10,7 +10,8 @@
   holds the interpreter and libraries.
 
 Logs ``memory/peak_mib``, ``memory/static_mib``, ``memory/activations_mib`` and ``memory/<part>_mib``; writes
-``memory.json`` in the run's log directory; prints a rich table at the end of fit (rank 0).
+``memory.json`` in the run's log directory (``memory.resumed-<n>.json`` beside it when the run continues one that
+wrote it); prints a rich table at the end of fit (rank 0).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.loggers import log_to_loggers
+from callbacks.resume import beside
 from xmc_dst.memory import MIB, PartBytes, peak_rss_bytes, reset_peak_rss, rss_bytes, static_breakdown
 
 __all__ = ["MemoryProfiler"]
@@ -111,7 +113,7 @@ class MemoryProfiler(L.Callback):
         log_to_loggers(trainer, metrics, trainer.global_step)
         directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / self.filename
+        self.path = beside(directory / self.filename)  # a resumed run keeps the interrupted run's report
         self.path.write_text(json.dumps(self.report, indent=2), encoding="utf-8")
         if self.print_table:
             from rich.console import Console

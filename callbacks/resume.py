@@ -11,13 +11,24 @@ training loader after the checkpoint was read, which never happens when ``config
 :class:`RestoreLoaderPosition` hands it over at ``on_train_start``. :class:`LastCheckpoint` writes ``last.ckpt``
 every ``N`` optimizer steps (mid-epoch) for ``fit --ckpt_path last``, through a temporary file in the same
 directory and an atomic rename, so a process killed while writing leaves the previous ``last.ckpt`` whole.
+
+A resumed run keeps the history of the run it continues. Lightning's ``CSVLogger`` deletes ``metrics.csv`` when it
+reopens a version folder; :class:`LastCheckpoint` flushes the loggers before each save and records how many rows
+``metrics.csv`` then held, and :func:`keep_log_history` (called by ``xmc-dst fit --ckpt_path``) puts back those
+rows, and the later ones of steps before the checkpoint's (logged after the save, never replayed), before the
+resumed run appends; rows the interrupted run logged at or after the checkpoint's step are replayed and dropped.
+Other files of a run (``config.yaml``, ``memory.json``) are never overwritten: :func:`beside` names the resumed
+run's copy.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import random
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from weakref import proxy
 
@@ -27,11 +38,12 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LastCheckpoint", "RandomStateCheckpoint", "RestoreLoaderPosition", "collect_random_states",
-           "set_random_states"]
+__all__ = ["LastCheckpoint", "RandomStateCheckpoint", "RestoreLoaderPosition", "beside", "collect_random_states",
+           "keep_log_history", "set_random_states"]
 
 DEFAULT_EVERY_N_TRAIN_STEPS = 500
 
@@ -163,8 +175,19 @@ class LastCheckpoint(ModelCheckpoint):
             raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
         super().__init__(dirpath=dirpath, monitor=None, save_last=True, save_top_k=0,
                          every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+        self._log_rows: list[int | None] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "log_rows": self._log_rows}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's save-last at the end of training ignores fast_dev_run ("checkpointing is suppressed"), and
+        # with its dummy logger would write last.ckpt into the working directory.
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._log_rows = flush_loggers(trainer)
         if not _is_local_file_protocol(filepath):
             super()._save_checkpoint(trainer, filepath)
             return
@@ -178,3 +201,78 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+# ---------------------------------------------------------------------------------------------- run history
+
+
+def beside(path: str | Path) -> Path:
+    """``path`` if it is free, else ``<stem>.resumed-<n><suffix>`` beside it with the first free ``n``: a resumed
+    run writes its own copy and keeps the file of the run it continues."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    n = 1
+    while (candidate := path.with_name(f"{path.stem}.resumed-{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def flush_loggers(trainer: L.Trainer) -> list[int | None]:
+    """Write every logger's buffered metrics to disk; per logger, the data rows of its ``metrics.csv`` after the
+    flush (None for other loggers, or where there is no file yet)."""
+    rows: list[int | None] = []
+    for logger in trainer.loggers:
+        logger.save()  # rank 0 only (rank_zero_only in Lightning's loggers)
+        path = Path(logger.experiment.metrics_file_path) if isinstance(logger, CSVLogger) and trainer.is_global_zero \
+            else None
+        rows.append(len(_read_csv(path)[1]) if path is not None and path.is_file() else None)
+    return rows
+
+
+def _last_checkpoint_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith(LastCheckpoint.__name__) and isinstance(state, Mapping):
+            return state
+    return {}
+
+
+def keep_log_history(trainer: L.Trainer, checkpoint: Mapping[str, Any]) -> list[Path]:
+    """Before ``trainer.fit(ckpt_path=...)`` opens its loggers: keep in each ``CSVLogger``'s ``metrics.csv`` the
+    rows the interrupted run wrote before ``checkpoint`` was saved (as many as it recorded), and those of earlier
+    steps than the checkpoint's ``global_step`` logged after it; drop the rest, which the resumed run logs again.
+    Returns the files kept (rank 0; nothing elsewhere)."""
+    if not trainer.is_global_zero:
+        return []
+    step = int(checkpoint.get("global_step", 0))
+    recorded = list(_last_checkpoint_state(checkpoint).get("log_rows") or [])
+    kept: list[Path] = []
+    for index, logger in enumerate(trainer.loggers):
+        path = Path(logger.log_dir, "metrics.csv") if isinstance(logger, CSVLogger) else None
+        if path is None or not path.is_file():
+            continue
+        fields, rows = _read_csv(path)
+        before = recorded[index] if index < len(recorded) and recorded[index] is not None else 0
+        rows = rows[:before] + [row for row in rows[before:] if _step(row) < step]
+        experiment = logger.experiment  # Lightning deletes the old metrics.csv here
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        experiment.metrics_keys = sorted(fields)  # new rows append; a new column rewrites the file with them
+        log.info("resuming: kept %d rows of %s (steps before %d)", len(rows), path, step)
+        kept.append(path)
+    return kept
+
+
+def _step(row: Mapping[str, str]) -> float:
+    try:
+        return float(row.get("step") or "inf")
+    except ValueError:
+        return float("inf")

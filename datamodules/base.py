@@ -43,6 +43,14 @@ class PublishedStats:
     num_labels: int
 
 
+def check_sizes(owner: str, **sizes: int | None) -> None:
+    """Sizes (``batch_size``, ``max_length``, ...) must be positive integers where given: a batch of 0 documents
+    fails deep inside the DataLoader, or trains nothing."""
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r} (--data.init_args.{name})")
+
+
 def split_indices(num_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, val) document indices: a fixed-seed random ``val_fraction`` of ``range(num_docs)``."""
     if not 0.0 <= val_fraction < 1.0:
@@ -213,6 +221,9 @@ class XMCDataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_sizes(type(self).__name__, batch_size=batch_size, eval_batch_size=eval_batch_size)
+        if num_workers < 0:
+            raise ValueError(f"{type(self).__name__}: num_workers must be >= 0, got {num_workers}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

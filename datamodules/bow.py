@@ -36,8 +36,8 @@ def read_split(files: tuple[Path, ...]) -> SparseXC:
 
 
 def read_names(path: Path, expected: int, what: str) -> list[str]:
-    """One name per line; the count must match the header's."""
-    names = [line for _, line in iter_lines(path)]
+    """One name per line, stripped of surrounding whitespace; the count must match the header's."""
+    names = [line.strip() for _, line in iter_lines(path)]
     if len(names) != expected:
         raise DataFormatError(path, len(names), f"{expected} {what} names, one per line", f"{len(names)} lines")
     return names

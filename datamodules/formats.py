@@ -9,6 +9,12 @@ Formats:
 Every reader reads line by line from bytes, so a ``.gz`` file is read transparently, invalid UTF-8 is reported with
 its line number, and only ``\\n`` ends a line (``str.splitlines`` would also split on U+2028 and friends, which
 occur inside real documents and would shift the text/label alignment).
+
+Encoding policy, the same for every reader (raw text, sparse, LF, prediction and name files): UTF-8; a byte-order
+mark (U+FEFF) at the start of a file is dropped, never part of the first document, label or header; a label list
+splits at runs of Unicode whitespace (``str.split()``: space, tab, no-break space, U+3000, ...) and a name file's
+line (``label_names.txt``) is stripped of it, so no label name has surrounding whitespace; document texts keep
+their content (the tokenizer normalises it).
 """
 
 from __future__ import annotations
@@ -53,14 +59,20 @@ def open_binary(path: PathLike) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+BOM = "\ufeff"
+
+
 def iter_lines(path: PathLike, start: int = 1) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, text)`` for each line, without its line ending; invalid UTF-8 raises."""
+    """Yield ``(line_number, text)`` for each line, without its line ending and without the file's byte-order
+    mark; invalid UTF-8 raises."""
     with open_binary(path) as handle:
         for number, raw in enumerate(handle, start=start):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DataFormatError(path, number, "UTF-8 text", f"invalid byte at column {err.start + 1}") from None
+            if number == start:
+                text = text.removeprefix(BOM)
             yield number, text.rstrip("\r\n") if text.endswith("\n") else text
 
 
@@ -75,16 +87,21 @@ def count_lines(path: PathLike) -> int:
 
 
 def require_nonempty(path: PathLike, what: str) -> None:
-    """Raise DataFormatError if ``path`` holds no line at all."""
+    """Raise DataFormatError if ``path`` holds no line at all (a byte-order mark alone is no line)."""
     with open_binary(path) as handle:
-        if not handle.read(1):
+        if not handle.read(4).removeprefix(BOM.encode("utf-8")):
             raise DataFormatError(path, 1, what, "an empty file")
+
+
+def split_labels(line: str) -> list[str]:
+    """The label names of a label-list line: split at runs of Unicode whitespace (the one rule of every reader)."""
+    return line.split()
 
 
 def iter_label_lines(path: PathLike) -> Iterator[tuple[int, list[str]]]:
     """Raw-text layout labels: ``(line_number, [label, ...])`` per document; an empty line means no label."""
     for number, line in iter_lines(path):
-        yield number, line.split()
+        yield number, split_labels(line)
 
 
 # ----------------------------------------------------------------------------------------------- sparse (XC) format

@@ -28,7 +28,10 @@ class NamedDataset:
     ``data_dir`` and ``propensity_a``/``propensity_b`` (null in a yaml: these). Mixed in before the layout's class.
 
     Class attributes: ``default_dir`` (the folder), ``propensity`` ((A, B)), ``published`` (:class:`PublishedStats`),
-    ``source_hint`` (where the files are published, for the missing-file error), ``default_name`` (cache folder).
+    ``source_hint`` (where the files are published, for the missing-file error), ``default_name`` (cache folder and
+    the run name of its config). A ``data_dir`` that is not the dataset's folder (:meth:`holds_own_data`) is a
+    user's own data read with the dataset's settings: its cache is named after the folder, and the published
+    statistics are not compared with it.
 
     Args:
         data_dir: the dataset's folder (null: ``default_dir``, the shipped copy or ``data/<name>``).
@@ -39,12 +42,26 @@ class NamedDataset:
     default_dir: str | Path
     propensity: tuple[float, float] = (0.55, 1.5)
 
+    default_name: str | None = None
+
     def __init__(self, data_dir: str | Path | None = None, propensity_a: float | None = None,
                  propensity_b: float | None = None, **kwargs: Any) -> None:
+        if data_dir is not None and not self.holds_own_data(data_dir):
+            # a user's own folder under this dataset's settings: not this dataset, so neither its cache name nor
+            # its published statistics apply
+            self.published, self.default_name = None, None
         a, b = self.propensity
         super().__init__(data_dir if data_dir is not None else self.default_dir,
                          propensity_a=a if propensity_a is None else propensity_a,
                          propensity_b=b if propensity_b is None else propensity_b, **kwargs)
+
+
+    @classmethod
+    def holds_own_data(cls, data_dir: str | Path) -> bool:
+        """Whether ``data_dir`` is this dataset's folder: its default folder, or a folder of the same name (a
+        download kept elsewhere)."""
+        folder, default = Path(data_dir).expanduser().resolve(), Path(cls.default_dir).expanduser().resolve()
+        return folder == default or folder.name.lower() == default.name.lower()
 
 
 def _published_in(name: str) -> str:
@@ -103,12 +120,12 @@ class DebianFiles(NamedDataset, RawTextXMCDataModule):
 class Bibtex(NamedDataset, BoWXMCDataModule):
     """Bibtex, shipped (XC sparse format): 4,880 / 2,515 documents, 1,836 features, 159 labels."""
 
-    published, default_dir = PublishedStats(4_880, 2_515, 159), shipped_dir("bibtex")
+    published, default_dir, default_name = PublishedStats(4_880, 2_515, 159), shipped_dir("bibtex"), "bibtex"
     source_hint = "Bibtex ships inside the package under datamodules/shipped/bibtex (see its SOURCE.md)."
 
 
 class Delicious(NamedDataset, BoWXMCDataModule):
     """Delicious, shipped (XC sparse format): 12,920 / 3,185 documents, 500 features, 983 labels."""
 
-    published, default_dir = PublishedStats(12_920, 3_185, 983), shipped_dir("delicious")
+    published, default_dir, default_name = PublishedStats(12_920, 3_185, 983), shipped_dir("delicious"), "delicious"
     source_hint = "Delicious ships inside the package under datamodules/shipped/delicious (see its SOURCE.md)."

@@ -131,6 +131,9 @@ class RawTextXMCDataModule(TokenizedTextDataModule):
         docs = 0
         for docs, labels in iter_label_lines(self.files["train_labels"]):  # noqa: B007 (docs = last line number)
             counter.update(set(labels))
+        if not counter:
+            raise DataFormatError(self.files["train_labels"], None, "space-separated label names on the lines of "
+                                  "the training documents", f"{docs} lines without a label")
         names = sorted(counter)
         return names, np.array([counter[name] for name in names], dtype=np.int64), docs
 

@@ -32,7 +32,7 @@ import torch
 from xmc_dst.lexical import LexicalVocabulary
 from xmc_dst.paths import cache_root, default_tokenizer
 
-from .base import XMCDataModule, split_indices
+from .base import XMCDataModule, check_sizes, split_indices
 from .cache import atomic_directory, build_lock, file_signature, fingerprint, tokenizer_signature
 from .collate import ArrowRows, TextCollate
 from .formats import DataFormatError, iter_lines
@@ -157,6 +157,7 @@ class TokenizedTextDataModule(XMCDataModule):
                  num_proc: int = 1, predict_file: str | Path | None = None, lexical_features: int = 0,
                  lexical_ngrams: int = 2, lexical_min_df: int = 2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_sizes(type(self).__name__, max_length=max_length, num_proc=num_proc)
         if lexical_features < 0 or lexical_ngrams < 1 or lexical_min_df < 1:
             raise ValueError(f"lexical_features must be >= 0 and lexical_ngrams, lexical_min_df >= 1; got "
                              f"{lexical_features}, {lexical_ngrams}, {lexical_min_df}")

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -227,7 +226,7 @@ def test_resume_callbacks_are_on_by_default(tiny_data, tiny_encoder_dir, tmp_pat
 
 
 def test_ckpt_path_last_continues_the_newest_version_with_a_last_checkpoint(tmp_path):
-    from xmc_dst.cli import XMCLightningCLI, latest_version_with_last_checkpoint
+    from xmc_dst.cli import latest_version_with_last_checkpoint, resume_version
 
     logs = tmp_path / "logs"
     for version, age in ((0, 30), (3, 10), (4, None), (12, 20)):  # version_4 has no last.ckpt (killed too early)
@@ -242,7 +241,7 @@ def test_ckpt_path_last_continues_the_newest_version_with_a_last_checkpoint(tmp_
     def resolved(ckpt_path, version=None, subcommand="fit"):
         init_args = {"save_dir": str(logs), "name": "tiny", "version": version}
         config = {"ckpt_path": ckpt_path, "trainer": {"logger": {"class_path": "CSVLogger", "init_args": init_args}}}
-        XMCLightningCLI.before_instantiate_classes(SimpleNamespace(subcommand=subcommand, config={subcommand: config}))
+        resume_version(subcommand, config)
         return init_args["version"]
 
     assert resolved("last") == 3

@@ -29,22 +29,25 @@ input, a cluster file for another label set) ends :func:`main` with exit status 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.oom import OutOfMemoryAdvisor
-from callbacks.resume import LastCheckpoint, RandomStateCheckpoint, RestoreLoaderPosition
+from callbacks.resume import LastCheckpoint, RandomStateCheckpoint, RestoreLoaderPosition, beside, keep_log_history
 from datamodules.base import XMCDataModule
 from xmc_dst.inference import JsonLinesPredictionWriter
-from xmc_dst.model import XMCModule, migrate_hparams, saved_hparams
+from xmc_dst.model import CKPT_PATH_KEYWORDS, XMCModule, check_checkpoint, migrate_hparams, saved_hparams
 
 __all__ = ["EXTRA_SUBCOMMANDS", "XMCLightningCLI", "cli", "configuration_error", "main", "metrics_table",
            "register_subcommand"]
@@ -109,6 +112,134 @@ def latest_version_with_last_checkpoint(save_dir: str | Path, name: str) -> int 
     return None if newest is None else newest[1]
 
 
+def _logger_init_args(config: Any) -> Any:
+    """The ``init_args`` of the configured logger (None without one, or with ``logger: false``)."""
+    return _get_key(_get_key(_get_key(config, "trainer"), "logger"), "init_args")
+
+
+def resume_version(subcommand: str | None, config: Any) -> None:
+    """``fit --ckpt_path last``: log to the version folder of the run being resumed (unless a version is given),
+    where Lightning looks for ``last.ckpt`` and where the best-checkpoint state stays valid."""
+    if subcommand != "fit" or _get_key(config, "ckpt_path") != "last":
+        return
+    init_args = _logger_init_args(config)
+    if init_args is None or _get_key(init_args, "version") is not None:
+        return
+    save_dir, name = _get_key(init_args, "save_dir"), _get_key(init_args, "name")
+    if save_dir is None or name is None:
+        return
+    version = latest_version_with_last_checkpoint(save_dir, str(name))
+    if version is not None:
+        init_args["version"] = version
+        log.info("resuming %s/%s/version_%d from its last checkpoint", save_dir, name, version)
+
+
+def _version_folder(config: Any) -> Path | None:
+    """The CSV logger's version folder when the config names its version (else a new one is made)."""
+    init_args = _logger_init_args(config)
+    version = _get_key(init_args, "version")
+    if init_args is None or version is None or _get_key(init_args, "save_dir") is None:
+        return None
+    folder = version if isinstance(version, str) else f"version_{version}"
+    return Path(_get_key(init_args, "save_dir"), str(_get_key(init_args, "name", "")), folder)
+
+
+def _check_trains_something(trainer: Any) -> None:
+    """``fit`` with ``max_epochs 0`` (or ``max_steps 0``, ``limit_train_batches 0``) would end at once and test the
+    untrained model as if it were a result."""
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        value = _get_key(trainer, key)
+        if value is not None and not isinstance(value, bool) and value == 0:
+            raise ValueError(f"--trainer.{key} {value}: fit would train nothing (and test_after_fit would report "
+                             f"the untrained model); give a positive --trainer.{key}, or run test/predict with "
+                             "--ckpt_path to evaluate a trained checkpoint")
+
+
+def check_writable(folder: str | Path, option: str) -> None:
+    """Fail before anything is built when ``folder`` cannot be made or written: the nearest existing folder at or
+    above it is a file, or this user cannot create a file there (tried, so read-only file systems count too)."""
+    import tempfile
+
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option} {folder} cannot be made: {existing} is a file, not a folder; pass a "
+                                 f"folder to write to ({option} DIR)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{option} {folder} cannot be written ({existing}: {error.strerror}); pass a folder "
+                              f"this user can write to ({option} DIR)") from None
+
+
+def _check_output_folders(subcommand: str, config: Any) -> None:
+    """The folders a subcommand writes to (logs, checkpoints, predictions), checked before the model is built."""
+    trainer = _get_key(config, "trainer")
+    folders = [(_get_key(_logger_init_args(config), "save_dir"), "--trainer.logger.init_args.save_dir"),
+               (_get_key(trainer, "default_root_dir"), "--trainer.default_root_dir")]
+    if subcommand == "fit":
+        folders += [(_get_key(_get_key(config, "checkpoint"), "dirpath"), "--checkpoint.dirpath"),
+                    (_get_key(_get_key(config, "last_checkpoint"), "dirpath"), "--last_checkpoint.dirpath")]
+    if subcommand == "predict":
+        output = _get_key(_get_key(config, "prediction_writer"), "output")
+        folders.append((Path(output).parent if output else None, "--prediction_writer.output"))
+    for folder, option in folders:
+        if folder is not None:
+            check_writable(folder, option)
+
+
+def _name_run_after_own_folder(config: Any) -> None:
+    """A named dataset's config run on a user's own folder (``--data.data_dir``): the logger's name is the folder's,
+    not the dataset's (the DataModule also names its cache after the folder and skips the published statistics)."""
+    from datamodules.named import NamedDataset
+
+    data = _get_key(config, "data")
+    class_path, data_dir = _get_key(data, "class_path"), _get_key(_get_key(data, "init_args"), "data_dir")
+    init_args = _logger_init_args(config)
+    if not isinstance(class_path, str) or data_dir is None or init_args is None:
+        return
+    module, _, attribute = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError):
+        return  # jsonargparse reports an unknown class itself
+    if not (isinstance(cls, type) and issubclass(cls, NamedDataset)) or cls.holds_own_data(data_dir):
+        return
+    if _get_key(init_args, "name") == cls.default_name:
+        init_args["name"] = Path(data_dir).expanduser().resolve().name
+        log.info("%s is not %s's folder: runs are logged under %s", data_dir, cls.__name__, init_args["name"])
+
+
+def _resumed_checkpoint(trainer: Trainer, ckpt_path: str) -> Path | None:
+    """The file ``fit(ckpt_path=...)`` resumes from, when it continues the logger's version folder: ``last`` is
+    that folder's newest ``last*.ckpt`` (or a checkpoint callback's, where it has its own folder)."""
+    if ckpt_path != "last":
+        return Path(ckpt_path) if Path(ckpt_path).is_file() else None
+    folders = [Path(trainer.log_dir, "checkpoints")] if trainer.log_dir else []
+    folders += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    found = [path for folder in folders for path in folder.glob("last*.ckpt") if not path.name.endswith(".partial")]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+@contextlib.contextmanager
+def _removed_if_empty(trainer: Trainer) -> Iterator[None]:
+    """A run that fails before it logged or saved anything leaves no version folder holding only its config: the
+    folder this run created is removed again when it holds nothing but ``config.yaml``/``hparams.yaml``."""
+    folder = Path(trainer.log_dir) if trainer.log_dir else None
+    created = folder is not None and not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created and folder.is_dir() and trainer.is_global_zero and all(
+                path.is_dir() or path.name in ("config.yaml", "hparams.yaml") for path in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s: the run failed before it logged anything", folder)
+        raise
+
+
 def metrics_table(metrics: dict[str, float], title: str) -> Any:
     """A rich table: one row per metric family (P, nDCG, PSP, PSnDCG), one column per k."""
     from rich.table import Table
@@ -152,6 +283,10 @@ class XMCLightningCLI(LightningCLI):
                             help="Metric (higher is better) for checkpoint selection and early stopping.")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="After fit, test the best checkpoint (the last weights without checkpointing).")
+        parser.add_argument("--reinit_head", type=bool, default=False,
+                            help="fit with --ckpt_path: a new run from the checkpoint's encoder (and intermediate "
+                                 "layer) weights, with a head initialised afresh for this data's label set (transfer "
+                                 "to another label space), instead of resuming.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.mode": "max",
@@ -180,27 +315,35 @@ class XMCLightningCLI(LightningCLI):
                               apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """``fit --ckpt_path last``: log to the version directory of the run being resumed (unless a version is
-        given), where Lightning looks for ``last.ckpt`` and where the best-checkpoint state stays valid."""
-        if self.subcommand != "fit" or _get_key(self.config[self.subcommand], "ckpt_path") != "last":
+        """Checks and names that must be settled before anything is built: a fit that would train nothing, folders
+        that cannot be written, the run name of a user's folder under a named dataset's config, and (``fit
+        --ckpt_path last``) the version folder of the run being resumed, whose files are kept."""
+        if self.subcommand is None:
             return
-        logger = _get_key(_get_key(self.config[self.subcommand], "trainer"), "logger")
-        init_args = _get_key(logger, "init_args")
-        if init_args is None or _get_key(init_args, "version") is not None:
-            return
-        save_dir, name = _get_key(init_args, "save_dir"), _get_key(init_args, "name")
-        if save_dir is None or name is None:
-            return
-        version = latest_version_with_last_checkpoint(save_dir, str(name))
-        if version is not None:
-            init_args["version"] = version
-            log.info("resuming %s/%s/version_%d from its last checkpoint", save_dir, name, version)
+        config = self.config[self.subcommand]
+        if self.subcommand == "fit":
+            _check_trains_something(_get_key(config, "trainer"))
+        elif _get_key(config, "reinit_head", False):
+            raise ValueError(f"--reinit_head applies to fit only (it starts training from a checkpoint's encoder); "
+                             f"{self.subcommand} needs the checkpoint of a run on this data's labels")
+        _check_output_folders(self.subcommand, config)
+        _name_run_after_own_folder(config)
+        resume_version(self.subcommand, config)
+        if self.subcommand == "fit":
+            folder = _version_folder(config)
+            if folder is not None and (folder / "config.yaml").exists():
+                name = beside(folder / "config.yaml").name
+                self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": name}
+                log.info("continuing in %s: its config.yaml is kept, this run's is %s", folder, name)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the model's hyperparameters from ``--ckpt_path`` into the config; those of a checkpoint
-        written before the head was a component are migrated first (:func:`xmc_dst.model.migrate_hparams`)."""
+        written before the head was a component are migrated first (:func:`xmc_dst.model.migrate_hparams`). A path
+        that is not a readable checkpoint of this project fails here (:func:`xmc_dst.model.check_checkpoint`)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in CKPT_PATH_KEYWORDS:
+            check_checkpoint(ckpt_path)  # missing, damaged or another program's: say so before anything is built
         hparams = saved_hparams(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
         if not hparams:
             return
@@ -225,7 +368,24 @@ class XMCLightningCLI(LightningCLI):
     # The subcommands run these methods instead of the Trainer's (LightningCLI looks them up by name).
 
     def fit(self, **kwargs: Any) -> None:
-        self.trainer.fit(**kwargs)
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path and self._get(self.config, "reinit_head", default=False):
+            loaded = self.model.load_weights_except_head(ckpt_path)
+            log.info("started from %d weights of %s; the head is new", len(loaded), ckpt_path)
+            kwargs["ckpt_path"] = None
+        start = 0
+        if kwargs.get("ckpt_path"):
+            path = _resumed_checkpoint(self.trainer, kwargs["ckpt_path"])
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True) if path else {}
+            start = int(checkpoint.get("global_step", 0))
+            if checkpoint:
+                keep_log_history(self.trainer, checkpoint)
+        with _removed_if_empty(self.trainer):
+            self.trainer.fit(**kwargs)
+        if not self.trainer.interrupted and self.trainer.global_step == start:
+            print(f"xmc-dst: warning: fit trained no step (global step {self.trainer.global_step}, max_epochs="
+                  f"{self.trainer.max_epochs}, max_steps={self.trainer.max_steps}): the weights are those of the "
+                  "checkpoint or the initialisation", file=sys.stderr)
         if self._get(self.config, "test_after_fit", default=False) and not self.trainer.interrupted:
             callback = self.trainer.checkpoint_callback
             best = getattr(callback, "best_model_path", "") if callback is not None else ""
@@ -235,18 +395,21 @@ class XMCLightningCLI(LightningCLI):
 
     def validate(self, **kwargs: Any) -> None:
         kwargs["verbose"] = False
-        self.trainer.validate(**kwargs)
+        with _removed_if_empty(self.trainer):
+            self.trainer.validate(**kwargs)
         self.print_metrics("val")
 
     def test(self, **kwargs: Any) -> None:
         kwargs["verbose"] = False
-        self.trainer.test(**kwargs)
+        with _removed_if_empty(self.trainer):
+            self.trainer.test(**kwargs)
         self.print_metrics("test")
 
     def predict(self, **kwargs: Any) -> None:
         if kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False  # the writer has them; do not keep every batch in memory
-        self.trainer.predict(**kwargs)
+        with _removed_if_empty(self.trainer):
+            self.trainer.predict(**kwargs)
 
     def print_metrics(self, prefix: str) -> dict[str, float]:
         """Print the ``prefix/...`` metrics of the last run as a rich table (rank 0) and return them."""
@@ -274,13 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xmc-dst`` and ``python -m xmc_dst``."""
     given = argv is not None
     argv = list(argv if given else sys.argv[1:])
-    if argv and argv[0] in EXTRA_SUBCOMMANDS:
-        function, _ = EXTRA_SUBCOMMANDS[argv[0]]
-        return int(_resolve_subcommand(function)(argv[1:]) or 0)
     if EXTRA_SUBCOMMANDS and argv and argv[0] in ("-h", "--help"):
         extra = "\n".join(f"  {name:<16} {help}" for name, (_, help) in sorted(EXTRA_SUBCOMMANDS.items()))
         print(f"Further subcommands:\n{extra}\n")
     try:
+        if argv and argv[0] in EXTRA_SUBCOMMANDS:  # the same error handling as the Lightning subcommands
+            function, _ = EXTRA_SUBCOMMANDS[argv[0]]
+            return int(_resolve_subcommand(function)(argv[1:]) or 0)
         cli(argv if given else None)  # None: LightningCLI reads sys.argv itself
     except Exception as error:
         found = configuration_error(error)

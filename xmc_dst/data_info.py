@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from xmc_dst.config_file import read_config
+
 __all__ = ["DatasetInfo", "SplitInfo", "data_info", "data_info_main"]
 
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -216,11 +218,9 @@ def _generic_class_for(directory: Path) -> type:
 def _build_datamodule(directory: Path, config: str | Path | None, tokenizer: str | None) -> tuple[Any, str | None]:
     """The DataModule over ``directory`` (the config's class and settings, else a named or generic one) and the
     tokenizer to measure lengths with."""
-    import yaml
-
     init_args: dict[str, Any] = {}
     if config is not None:
-        node = (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("data") or {}
+        node = read_config(config, "data-info").get("data") or {}
         if "class_path" not in node:
             raise ValueError(f"data-info: {config} has no data.class_path")
         module, _, name = node["class_path"].rpartition(".")
@@ -374,6 +374,11 @@ def data_info_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write the label-frequency plot")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
+    for option in ("max_length", "tail_max", "head_min"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise ValueError(f"data-info: --{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if args.sample < 0:
+        raise ValueError(f"data-info: --sample must be >= 0 (0: no text lengths), got {args.sample}")
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("data-info: --plot needs matplotlib: pip install matplotlib (or the package's bench extra)")
     info = data_info(args.directory, args.config, args.tokenizer, args.max_length, args.sample, args.tail_max,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from xmc_dst.lexical import LexicalVocabulary
+from xmc_dst.texts import text_batch
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,9 @@ class LexicalProjection(nn.Module):
         return LexicalVocabulary(self.keys.cpu().numpy(), self.idf.cpu().numpy(), int(self.ngrams))
 
     def featurize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """The ``lexical_ids``/``lexical_values``/``lexical_offsets`` batch entries of raw texts."""
+        """The ``lexical_ids``/``lexical_values``/``lexical_offsets`` batch entries of raw texts (a ``str`` is one)."""
         vocabulary = self.vocabulary()
-        rows = [vocabulary.transform(text) for text in texts]
+        rows = [vocabulary.transform(text) for text in text_batch(texts, "featurize")]
         lengths = torch.tensor([0] + [len(ids) for ids, _ in rows])
         device = self.keys.device
         return {

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from xmc_dst.clusters import count_clusters
+from xmc_dst.config_file import read_config
 from xmc_dst.memory import GIB, MIB, PartBytes
 from xmc_dst.optim import split_no_decay
 from xmc_dst.paths import default_tokenizer
@@ -342,9 +343,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
     ``trainer.callbacks`` adds its map and rewire buffers to the sparse column.
     """
     if not isinstance(config, Mapping):
-        import yaml
-
-        config = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        config = read_config(config, "estimate-memory")
     if "encoder" in config and "model" not in config:
         config = {"model": config}
     model = _init_args(config.get("model", {}))
@@ -439,6 +438,10 @@ def estimate_memory_main(argv: list[str] | None = None) -> int:
                         help="the encoder's config.json (or its folder) where it is not on this machine")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    for option in ("batch_size", "max_length", "num_labels", "num_features", "budget_gib"):
+        value = getattr(args, option)
+        if value is not None and not value > 0:
+            raise ValueError(f"estimate-memory: --{option.replace('_', '-')} must be positive, got {value}")
     estimate = estimate_memory(args.config, batch_size=args.batch_size, precision=args.precision,
                                max_length=args.max_length, num_labels=args.num_labels,
                                num_features=args.num_features, budget_gib=args.budget_gib,

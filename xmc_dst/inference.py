@@ -26,8 +26,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from xmc_dst.model import XMCModule, saved_hparams, top_k
+from xmc_dst.model import XMCModule, check_checkpoint, check_k, saved_hparams, top_k
 from xmc_dst.paths import MINILM_TAIL, minilm_dir
+from xmc_dst.texts import text_batch
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
     ``overrides`` replace saved hyperparameters (e.g. ``tokenizer=`` a local copy of the tokenizer).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(path, (str, Path)):
+        check_checkpoint(path)
     if "tokenizer" not in overrides:
         saved = (saved_hparams(path, weights_only is not False) or {}).get("tokenizer")
         moved = _relocate(saved)
@@ -79,6 +82,8 @@ class Predictor:
         self.device = next(module.parameters()).device
         self.label_names = module.label_names
         self.max_length = int(max_length or module.data_info.get("max_length") or 128)
+        if int(batch_size) < 1:
+            raise ValueError(f"Predictor: batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.autocast_dtype = autocast_dtype
         location = tokenizer if tokenizer is not None else _relocate(
@@ -99,31 +104,35 @@ class Predictor:
         module = load_checkpoint(path, device, **overrides)
         return cls(module, tokenizer, max_length, batch_size, autocast_dtype)
 
-    def encode(self, texts: Sequence[str]) -> dict[str, Tensor]:
+    def encode(self, texts: str | Sequence[str]) -> dict[str, Tensor]:
         """The text batch dict of ``texts`` (padded to the longest, truncated to ``max_length``; with the lexical
-        features of the whole texts when the encoder projects them)."""
+        features of the whole texts when the encoder projects them); a ``str`` is one text."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (bag-of-words data): use topk_batch with feature batches")
-        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        texts = text_batch(texts, "Predictor.encode")
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
         batch = {"input_ids": encoded["input_ids"].to(self.device),
                  "attention_mask": encoded["attention_mask"].to(self.device)}
         lexical = getattr(self.module.encoder, "lexical", None)
         if lexical is not None:  # the TF-IDF vocabulary travels in the checkpoint's buffers
-            batch.update(lexical.featurize(list(texts)))
+            batch.update(lexical.featurize(texts))
         return batch
 
     @torch.no_grad()
     def topk_batch(self, batch: Mapping[str, Tensor], k: int = 5) -> tuple[Tensor, Tensor]:
         """(scores, label ids) [batch, k] of one batch dict (text or bag-of-words), best first."""
+        check_k(k)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             logits = self.module(batch)
         scores, ids = top_k(logits.float(), k)
         return self.module.scores(scores), ids
 
-    def topk(self, texts: Sequence[str], k: int = 5) -> tuple[Tensor, Tensor]:
-        """(scores, label ids) [len(texts), k] on CPU, in batches of ``batch_size``."""
+    def topk(self, texts: str | Sequence[str], k: int = 5) -> tuple[Tensor, Tensor]:
+        """(scores, label ids) [len(texts), k] on CPU, in batches of ``batch_size``; a ``str`` is one text."""
+        check_k(k)
+        texts = text_batch(texts, "Predictor.topk")
         scores, ids = [], []
         for start in range(0, len(texts), self.batch_size):
             s, i = self.topk_batch(self.encode(texts[start:start + self.batch_size]), k)
@@ -133,9 +142,10 @@ class Predictor:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
         return torch.cat(scores), torch.cat(ids)
 
-    def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
-        """For each text, its top ``k`` (label name, score) pairs, best first."""
-        scores, ids = self.topk(texts, k)
+    def predict(self, texts: str | Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+        """For each text, its top ``k`` (label name, score) pairs, best first; a ``str`` is one text (one list of
+        pairs comes back)."""
+        scores, ids = self.topk(text_batch(texts, "Predictor.predict"), k)
         return [
             [(self._name(int(i)), float(s)) for s, i in zip(row_s, row_i, strict=True) if int(i) >= 0]
             for row_s, row_i in zip(scores, ids, strict=True)

@@ -38,13 +38,20 @@ from xmc_dst.optim import Algorithm, GroupwiseOptimizer, Schedule, drop_paramete
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XMCModule", "migrate_hparams", "saved_hparams", "top_k"]
+__all__ = ["CheckpointError", "XMCModule", "check_checkpoint", "check_k", "migrate_hparams", "saved_hparams", "top_k"]
 
 CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
+def check_k(k: Any, what: str = "k") -> None:
+    """``k`` (labels per document) must be a positive integer: ``k=0`` would return no label without a word."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{what} must be an integer >= 1 (labels per document), got {k!r}")
+
+
 def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Best ``k`` (scores, label ids) per row; with fewer than ``k`` labels the rest is padded (-inf, -1)."""
+    check_k(k)
     kk = min(k, logits.shape[1])
     scores, ids = torch.topk(logits, kk, dim=1)
     if kk < k:
@@ -92,6 +99,67 @@ def migrate_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     migrated = {key: value for key, value in hparams.items() if key not in LEGACY_HEAD_KEYS}
     migrated["head"] = {"class_path": LEGACY_HEADS[kind], "init_args": init_args}
     return migrated
+
+
+_REINIT_HINT = ("; to train this data's labels starting from the checkpoint's encoder, run fit with --ckpt_path "
+                "CKPT --reinit_head true (a new run; the head is initialised afresh)")
+
+
+def label_set_difference(saved: Sequence[str], current: Sequence[str]) -> str:
+    """What differs between a checkpoint's label names and the data's: the counts, the first differing label id
+    and names, how many of the checkpoint's names the data lacks."""
+    first = next((i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b),
+                 min(len(saved), len(current)))
+    missing = [name for name in saved if name not in set(current)]
+    at = (f"label id {first} is {saved[first]!r} in the checkpoint and {current[first]!r} in the data"
+          if first < min(len(saved), len(current)) else f"labels from id {first} on exist in one of them only")
+    kind = (f"{len(missing)} of the checkpoint's names are not the data's, e.g. {missing[0]!r}" if missing else
+            "the same names in another order")
+    return (f"the checkpoint was trained on another label set: {len(saved)} labels in the checkpoint, "
+            f"{len(current)} in the data; {at}; {kind}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, cannot be read (truncated, corrupt) or is not one of this project's."""
+
+
+# ``--ckpt_path`` values that Lightning resolves itself; any other value is a file.
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` when it is not a readable checkpoint of :class:`XMCModule`:
+    missing, a folder, truncated or corrupt (``torch.load`` fails), or a PyTorch file without the module's
+    ``state_dict`` and hyperparameters. A checkpoint that pickles Python objects cannot be inspected safely
+    (``weights_only``) and is left to the loader."""
+    import pickle
+
+    path = Path(path)
+    fix = "pass a checkpoint written by xmc-dst fit (<log dir>/checkpoints/best-*.ckpt or last.ckpt)"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: {fix}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file: {fix}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error) and "invalid load key" not in str(error):
+            return  # pickled objects (e.g. hyperparameters of an old layout): the loader decides
+        raise CheckpointError(f"checkpoint {path} cannot be read ({path.stat().st_size:,} bytes; it is corrupt: "
+                              f"{_first_line(error)}): {fix}") from None
+    except Exception as error:  # noqa: BLE001 - torch reports a damaged file with several kinds
+        raise CheckpointError(f"checkpoint {path} cannot be read ({path.stat().st_size:,} bytes; it is truncated, "
+                              f"corrupt or not a PyTorch file: {_first_line(error)}): {fix}") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping) or not (
+            isinstance(hparams, Mapping) and {"encoder", "num_labels"} <= set(hparams)):
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of xmc-dst (it lacks the state_dict "
+                              f"and the hyperparameters encoder and num_labels of XMCModule): {fix}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0].split(". ")[0] if lines else type(error).__name__)[:160]
 
 
 def saved_hparams(path: str | Path, weights_only: bool = True) -> dict[str, Any] | None:
@@ -182,6 +250,15 @@ class XMCModule(L.LightningModule):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
         if positive_weighting not in ("none", "propensity"):
             raise ValueError(f"positive_weighting must be 'none' or 'propensity', got {positive_weighting!r}")
+        check_k(predict_k, "model.predict_k")
+        if not ks:
+            raise ValueError("model.ks must name at least one k (the k of P@k and the other metrics)")
+        for k in ks:
+            check_k(k, "every k of model.ks")
+        for name, value in (("intermediate_dim", intermediate_dim), ("aux_clusters", aux_clusters),
+                            ("warmup_steps", warmup_steps)):
+            if value < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {value}")
         self.save_hyperparameters()
         self._make_hparams_portable(encoder=encoder, head=head)
 
@@ -469,18 +546,48 @@ class XMCModule(L.LightningModule):
                 kwargs["head"] = migrated["head"]
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    def load_weights_except_head(self, path: str | Path) -> list[str]:
+        """Start from a checkpoint's encoder (and intermediate layer) for another label space: its weights are loaded,
+        the label head, auxiliary head and label clusters keep this module's fresh initialisation. The rest of the
+        architecture must match. Returns the keys loaded."""
+        check_checkpoint(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        own = ("head.", "aux_head.", "label_clusters")
+        state = {key: value for key, value in state.items() if not key.startswith(own)}
+        current = self.state_dict()
+        wrong = [f"{key} {tuple(value.shape)} (here {tuple(current[key].shape)})" for key, value in state.items()
+                 if key in current and tuple(value.shape) != tuple(current[key].shape)]
+        missing = [key for key in current if not key.startswith(own) and key not in state]
+        unknown = [key for key in state if key not in current]
+        if wrong or missing or unknown:
+            problems = "; ".join(part for part in (
+                f"other shapes: {', '.join(wrong[:3])}" if wrong else "",
+                f"missing there: {', '.join(missing[:3])}" if missing else "",
+                f"unknown here: {', '.join(unknown[:3])}" if unknown else "") if part)
+            raise CheckpointError(f"checkpoint {path}: its encoder does not fit this model ({problems}): keep the "
+                                  "encoder and intermediate settings of the run that wrote it")
+        self.load_state_dict(state, strict=False)
+        return list(state)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights are loaded: a checkpoint of another label space fails here with the fix, not later
         # with a tensor size mismatch.
         saved_head = checkpoint.get("state_dict", {}).get("head.weight")
+        saved_names = checkpoint.get("label_names")
         if saved_head is not None and tuple(saved_head.shape) != tuple(self.head.weight.shape):
             saved_labels, labels = saved_head.shape[0], self.head.weight.shape[0]
             what = (f"{saved_labels} labels, this run has {labels}" if saved_labels != labels else
                     f"a head of shape {tuple(saved_head.shape)}, this run builds {tuple(self.head.weight.shape)} "
                     "(fan_in, intermediate_dim or head type differ)")
+            if saved_names is not None and self.label_names is not None:
+                what += f" ({label_set_difference(list(saved_names), self.label_names)})"
             raise ValueError(f"the checkpoint was trained with {what}: resume on the data and model settings it was "
-                             "trained with, or start a new run without --ckpt_path")
-        self.label_names = checkpoint.get("label_names")
+                             f"trained with, or start a new run without --ckpt_path{_REINIT_HINT}")
+        if saved_names is not None and self.label_names is not None and list(saved_names) != self.label_names:
+            raise ValueError(f"{label_set_difference(list(saved_names), self.label_names)}: the checkpoint's scores "
+                             "belong to its own labels, so metrics and predictions here would be wrong. Run on the "
+                             f"data it was trained on (or data with its label set){_REINIT_HINT}")
+        self.label_names = saved_names
         self.data_info = dict(checkpoint.get("data_info") or {})
         state = checkpoint.get("state_dict", {})
         if self.aux_head is not None and not any(key.startswith("aux_head.") for key in state):
