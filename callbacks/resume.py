@@ -176,18 +176,31 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, monitor=None, save_last=True, save_top_k=0,
                          every_n_train_steps=every_n_train_steps, enable_version_counter=False)
         self._log_rows: list[int | None] = []
+        self._flush_pending = self._finished = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "log_rows": self._log_rows}
+        return {**super().state_dict(), "log_rows": self._log_rows, "finished": self._finished}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Lightning logs a batch's metrics after its on_train_batch_end, i.e. after a save there: write them too,
+        # so that a process killed later has them on disk.
+        if self._flush_pending:
+            self._flush_pending = False
+            for logger in trainer.loggers:
+                logger.save()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning's save-last at the end of training ignores fast_dev_run ("checkpointing is suppressed"), and
-        # with its dummy logger would write last.ckpt into the working directory.
+        """Save the final state, marked finished (Lightning's own save-last here only runs when nothing was saved at
+        all, so ``last.ckpt`` lagged behind the end of a finished run). Never under
+        ``fast_dev_run`` ("checkpointing is suppressed"; with its dummy logger last.ckpt would land in the working
+        directory)."""
         if not trainer.fast_dev_run:
-            super().on_train_end(trainer, pl_module)
+            self._finished = True  # what the run logs from now on (tests, reports) is never replayed by a resume
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        self._log_rows = flush_loggers(trainer)
+        self._log_rows, self._flush_pending = flush_loggers(trainer), True
         if not _is_local_file_protocol(filepath):
             super()._save_checkpoint(trainer, filepath)
             return
@@ -247,11 +260,13 @@ def keep_log_history(trainer: L.Trainer, checkpoint: Mapping[str, Any]) -> list[
     """Before ``trainer.fit(ckpt_path=...)`` opens its loggers: keep in each ``CSVLogger``'s ``metrics.csv`` the
     rows the interrupted run wrote before ``checkpoint`` was saved (as many as it recorded), and those of earlier
     steps than the checkpoint's ``global_step`` logged after it; drop the rest, which the resumed run logs again.
-    Returns the files kept (rank 0; nothing elsewhere)."""
+    Every row is kept after a checkpoint saved at the end of training (nothing after it is replayed). Returns the
+    files kept (rank 0; nothing elsewhere)."""
     if not trainer.is_global_zero:
         return []
-    step = int(checkpoint.get("global_step", 0))
-    recorded = list(_last_checkpoint_state(checkpoint).get("log_rows") or [])
+    state = _last_checkpoint_state(checkpoint)
+    step = float("inf") if state.get("finished") else int(checkpoint.get("global_step", 0))
+    recorded = list(state.get("log_rows") or [])
     kept: list[Path] = []
     for index, logger in enumerate(trainer.loggers):
         path = Path(logger.log_dir, "metrics.csv") if isinstance(logger, CSVLogger) else None
@@ -266,7 +281,7 @@ def keep_log_history(trainer: L.Trainer, checkpoint: Mapping[str, Any]) -> list[
             writer.writeheader()
             writer.writerows(rows)
         experiment.metrics_keys = sorted(fields)  # new rows append; a new column rewrites the file with them
-        log.info("resuming: kept %d rows of %s (steps before %d)", len(rows), path, step)
+        log.info("resuming: kept %d rows of %s (steps before %s)", len(rows), path, step)
         kept.append(path)
     return kept
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,12 +149,12 @@ def _parse_pairs(
         pairs = [token.split(":") for token in tokens]
         new_ids = [int(p[0]) for p in pairs]
         new_values = [float(p[1]) for p in pairs]
-        well_formed = all(len(p) == 2 for p in pairs)
+        well_formed = all(len(p) == 2 for p in pairs) and all(map(math.isfinite, new_values))
     except (ValueError, IndexError):
         well_formed = False
     if not well_formed:
         bad = next(t for t in tokens if not _is_pair(t))
-        raise DataFormatError(path, number, f"'{what}:value' pairs (integer {what}, number value)", bad)
+        raise DataFormatError(path, number, f"'{what}:value' pairs (integer {what}, finite number value)", bad)
     if new_ids and (min(new_ids) < 0 or max(new_ids) >= bound):
         bad_id = next(i for i in new_ids if not 0 <= i < bound)
         raise DataFormatError(path, number, f"{what} ids in [0, {bound}) as the header says", str(bad_id))
@@ -174,10 +175,10 @@ def _is_pair(token: str) -> bool:
     if len(parts) != 2:
         return False
     try:
-        int(parts[0]), float(parts[1])
+        int(parts[0])
+        return math.isfinite(float(parts[1]))
     except ValueError:
         return False
-    return True
 
 
 def _parse_label_list(path: PathLike, number: int, text: str, bound: int, ids: array) -> None:
@@ -284,7 +285,8 @@ def iter_json_lines(path: PathLike, required: tuple[str, ...]) -> Iterator[tuple
 def lf_targets(path: PathLike, number: int, record: dict, num_labels: int) -> list[int]:
     """The ``target_ind`` of an LF record, checked to be integer ids in ``[0, num_labels)``."""
     targets = record["target_ind"]
-    if not isinstance(targets, list) or not all(isinstance(t, int) and 0 <= t < num_labels for t in targets):
+    if not isinstance(targets, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < num_labels
+                                                for t in targets):
         raise DataFormatError(path, number, f"'target_ind' as a list of label ids in [0, {num_labels})", str(targets))
     return targets
 

@@ -365,7 +365,7 @@ def write_lf(directory: Path) -> Path:
 
 
 def test_lf_module(tiny_encoder_dir, tmp_path) -> None:
-    data = write_lf(tmp_path / "lf")
+    data = write_lf(tmp_path / "LF-AmazonTitles-131K")  # the named dataset's folder: its statistics apply
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir)
     module = LFXMCDataModule(data, tokenizer=str(tiny_encoder_dir), cache_dir=tmp_path / "c")
     assert module.label_names == ["python", "game", "tool"] and module.num_labels == 3
@@ -392,7 +392,7 @@ def test_lf_module(tiny_encoder_dir, tmp_path) -> None:
 def test_lf_label_documents_follow_the_training_file(tiny_encoder_dir, tmp_path) -> None:
     """label_documents: each label's title is one more training document labelled with itself (after the file's
     documents); the counts, the propensity's N and the published-statistics check see it as the data does."""
-    data = write_lf(tmp_path / "lf")
+    data = write_lf(tmp_path / "LF-AmazonTitles-131K")  # the named dataset's folder
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir)
     module = LFXMCDataModule(data, tokenizer=str(tiny_encoder_dir), cache_dir=tmp_path / "c", label_documents=True,
                              batch_size=16)
