@@ -1,5 +1,6 @@
 """Faults: a process killed (SIGKILL) while it writes a checkpoint leaves the previous checkpoint whole and loadable;
-a training run killed mid-epoch and resumed with ``--ckpt_path last`` ends where the uninterrupted run ends."""
+a training run killed mid-epoch and resumed with ``--ckpt_path last`` ends where the uninterrupted run ends, with the
+same metrics history."""
 
 from __future__ import annotations
 
@@ -128,3 +129,11 @@ def test_killed_cli_run_resumes_with_ckpt_path_last_to_the_same_result(tmp_path:
     expected = final_test_metrics(tmp_path / "straight" / "bibtex" / "version_0")
     assert "test/P@1" in expected and "test/PSP@5" in expected
     assert final_test_metrics(version) == expected  # every test metric, to the last digit logged
+    # and the whole history: the killed run's rows up to its checkpoint, then the resumed run's, none twice (before
+    # the fix the CSV logger deleted the killed run's rows on resume)
+    def history(folder: Path) -> list[dict[str, str]]:  # wall-clock timings differ between any two runs
+        with (folder / "metrics.csv").open() as f:
+            return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in csv.DictReader(f)]
+
+    assert history(version) == history(tmp_path / "straight" / "bibtex" / "version_0")
+    assert (version / "config.yaml").is_file() and (version / "config.resumed-1.yaml").is_file()

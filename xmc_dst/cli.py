@@ -15,7 +15,10 @@ also mid-epoch, atomically (:class:`callbacks.LastCheckpoint`); the checkpoint a
 states (:class:`callbacks.RandomStateCheckpoint`) and the training loader's position
 (:class:`datamodules.base.ResumableDataLoader`, handed back by :class:`callbacks.RestoreLoaderPosition`).
 ``xmc-dst fit ... --ckpt_path last`` continues the newest run of the same logger ``save_dir``/``name`` in its own
-version directory (metrics appended, best checkpoint kept) and trains as the uninterrupted run would have.
+version directory (the rows of ``metrics.csv`` up to the checkpoint kept, see :func:`callbacks.resume.keep_log_history`;
+its ``config.yaml`` kept, the resumed run's beside it; best checkpoint kept) and trains as the uninterrupted run
+would have. ``fit --ckpt_path CKPT --reinit_head true`` instead starts a new run from the checkpoint's encoder with
+a new head (another label space); a checkpoint of another label set is refused otherwise.
 
 Further subcommands that are not Lightning's (e.g. a memory estimate) go in :data:`EXTRA_SUBCOMMANDS`, directly
 or with :func:`register_subcommand`: ``name -> (function, one-line help)``, where the function takes the remaining
