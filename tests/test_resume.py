@@ -265,8 +265,10 @@ def test_last_checkpoint_is_replaced_atomically_every_n_steps_mid_epoch(tmp_path
 
     trainer.save_checkpoint = recording_save
     trainer.fit(Tiny(), ResumableDataLoader(torch.randn(20, 3), batch_size=4, shuffle=True, seed=0))  # 5 per epoch
-    assert saves == [("last.ckpt.partial", None), ("last.ckpt.partial", 3), ("last.ckpt.partial", 6)]
-    assert torch.load(last, weights_only=True)["global_step"] == 9  # mid-epoch 1, and never an epoch end
+    # every 3 steps mid-epoch, never at an epoch end; then the final state at the end of training (step 10)
+    assert saves == [("last.ckpt.partial", None), ("last.ckpt.partial", 3), ("last.ckpt.partial", 6),
+                     ("last.ckpt.partial", 9)]
+    assert torch.load(last, weights_only=True)["global_step"] == 10
     assert not (tmp_path / "last.ckpt.partial").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "last.ckpt"]
     with pytest.raises(ValueError, match=">= 1"):

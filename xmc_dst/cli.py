@@ -347,7 +347,7 @@ class XMCLightningCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in CKPT_PATH_KEYWORDS:
             check_checkpoint(ckpt_path)  # missing, damaged or another program's: say so before anything is built
-        if _get_key(self.config[subcommand], "reinit_head", False):
+        if subcommand and _get_key(self.config[subcommand], "reinit_head", False):
             return  # a new run: the config builds the model, the checkpoint only lends its encoder's weights
         hparams = saved_hparams(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
         if not hparams:
