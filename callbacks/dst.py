@@ -66,10 +66,11 @@ __all__ = ["DynamicSparseTraining", "find_sparse_layers"]
 
 
 def find_sparse_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every submodule offering the rewiring protocol (``rewire``, ``reset_optimizer_state``, ``indices``)."""
+    """Every submodule offering the rewiring protocol (``rewire``, ``reset_optimizer_state``, ``indices``), except
+    those whose topology is fixed on purpose (``static_topology = True``, e.g. connections chosen from the data)."""
     return [(name, m) for name, m in module.named_modules()
             if callable(getattr(m, "rewire", None)) and callable(getattr(m, "reset_optimizer_state", None))
-            and isinstance(getattr(m, "indices", None), Tensor)]
+            and isinstance(getattr(m, "indices", None), Tensor) and not getattr(m, "static_topology", False)]
 
 
 class _Capture:

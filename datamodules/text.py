@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from xmc_dst.lexical import LexicalVocabulary
+from xmc_dst.lexical import LexicalVocabulary, label_term_profiles
 from xmc_dst.paths import cache_root, default_tokenizer
 
 from .base import XMCDataModule, check_sizes, split_indices
@@ -291,6 +291,26 @@ class TokenizedTextDataModule(XMCDataModule):
         """Width of the lexical features (None without them)."""
         vocabulary = self.lexical_vocabulary
         return len(vocabulary) if vocabulary is not None else None
+
+    def label_term_profiles(self, fan_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Each label's ``fan_in`` strongest lexical features over the training documents (validation held out):
+        see :func:`xmc_dst.lexical.label_term_profiles`."""
+        if self.lexical_settings is None:
+            raise ValueError("label term profiles need lexical features: set lexical_features")
+        self._open_train()
+        table = self._train_full.data.table.take(pa.array(self._train_rows[0]))
+
+        def csr(name: str) -> tuple[np.ndarray, np.ndarray]:
+            column = pa.chunked_array(table.column(name).chunks).combine_chunks()
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+            return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), flat
+
+        label_offsets, label_ids = csr("label_ids")
+        term_offsets, term_ids = csr("lexical_ids")
+        _, term_values = csr("lexical_values")
+        return label_term_profiles(label_offsets, label_ids, term_offsets, term_ids, term_values, self.num_labels,
+                                   len(self.lexical_vocabulary), fan_in, seed)
 
     def _label_state(self) -> tuple[list[str], np.ndarray, int]:
         if self._labels is None:

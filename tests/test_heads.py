@@ -83,3 +83,27 @@ def test_a_head_without_optimizer_settings_is_refused():
     with pytest.raises(TypeError, match="Linear has no optimizer_settings"):
         XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6), num_labels=9,
                   num_features=20, head=lambda features, labels, generator: nn.Linear(features, labels))
+
+
+def test_lexical_head_scores_the_tfidf_rows_by_each_labels_profile_and_dst_skips_it():
+    from callbacks.dst import find_sparse_layers
+    from xmc_dst.heads import LexicalHead
+
+    g = torch.Generator().manual_seed(0)
+    features, labels, fan_in = 30, 7, 4
+    head = LexicalHead(features, labels, fan_in, generator=g)
+    indices = torch.stack([torch.randperm(features, generator=g)[:fan_in].sort().values for _ in range(labels)])
+    values = torch.rand(labels, fan_in, generator=g)
+    head.set_profiles(indices, values)
+    batch = {"lexical_ids": torch.tensor([3, 7, 19, 7, 0, 29]), "lexical_values": torch.rand(6, generator=g),
+             "lexical_offsets": torch.tensor([0, 3, 3, 6])}  # the middle document has no term
+    dense = torch.zeros(3, features)
+    for row in range(3):
+        for j in range(int(batch["lexical_offsets"][row]), int(batch["lexical_offsets"][row + 1])):
+            dense[row, batch["lexical_ids"][j]] = batch["lexical_values"][j]
+    expected = torch.stack([torch.stack([(values[label] * dense[row, indices[label]]).sum() for label in range(labels)])
+                            for row in range(3)])
+    torch.testing.assert_close(head(batch), expected)
+    assert bool(head.initialised) and find_sparse_layers(nn.Sequential(head)) == []
+    with pytest.raises(ValueError, match="shape"):
+        head.set_profiles(indices[:, :2], values[:, :2])

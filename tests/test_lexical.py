@@ -164,3 +164,41 @@ def test_lazy_adamw_matches_sparse_adam_and_leaves_untouched_rows() -> None:
     decayed(torch.tensor([2]), torch.tensor([0])).sum().backward()
     optimizer.step()
     assert torch.equal(decayed.weight[3:], before[3:]) and not torch.equal(decayed.weight[2], before[2])
+
+
+def test_label_term_profiles_are_the_top_terms_of_each_labels_centroid():
+    from xmc_dst.lexical import label_term_profiles
+
+    rng = np.random.default_rng(0)
+    docs, labels, terms_count, fan_in = 60, 9, 40, 5
+    label_rows = [rng.choice(labels, size=rng.integers(0, 4), replace=False) for _ in range(docs)]
+    term_rows = [rng.choice(terms_count, size=rng.integers(1, 8), replace=False) for _ in range(docs)]
+    value_rows = [rng.random(len(t)).astype(np.float32) for t in term_rows]
+    label_rows[0] = np.array([8])  # label 8: one document only, fewer terms than fan_in unless lucky
+    for d in range(1, docs):
+        label_rows[d] = label_rows[d][label_rows[d] != 8]
+    term_rows[0], value_rows[0] = np.array([3, 17]), np.array([0.5, 0.25], dtype=np.float32)
+
+    def csr(rows):
+        return np.cumsum([0] + [len(r) for r in rows]), np.concatenate(rows)
+
+    (lo, li), (to, ti), tv = csr(label_rows), csr(term_rows), np.concatenate(value_rows)
+    # brute force: the dense centroid sums, their top fan_in, normalised
+    dense = np.zeros((labels, terms_count))
+    for d in range(docs):
+        for label in label_rows[d]:
+            dense[label, term_rows[d]] += value_rows[d]
+    for max_pairs in (1 << 25, 7):  # one block, and many small blocks
+        indices, values = label_term_profiles(lo, li, to, ti, tv, labels, terms_count, fan_in, max_pairs=max_pairs)
+        assert indices.shape == values.shape == (labels, fan_in)
+        for label in range(labels):
+            row = indices[label]
+            assert (np.diff(row) > 0).all()  # sorted, distinct
+            nonzero = values[label] > 0
+            top = np.argsort(-dense[label], kind="stable")[:fan_in]
+            top = top[dense[label, top] > 0]
+            assert sorted(row[nonzero].tolist()) == sorted(top.tolist())
+            expected = dense[label, row] / np.linalg.norm(dense[label, top])
+            np.testing.assert_allclose(values[label], expected, rtol=1e-5)
+    assert set(indices[8][values[8] > 0].tolist()) == {3, 17}
+    np.testing.assert_allclose(values[8][values[8] > 0], np.array([0.5, 0.25]) / np.hypot(0.5, 0.25), rtol=1e-6)

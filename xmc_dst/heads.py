@@ -18,16 +18,16 @@ exactly as the layer names them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from xmc_dst.optim import ALGORITHMS, SCHEDULES, Algorithm, Schedule
 from xmc_dst.sparse import FixedFanInLinear, Impl
 
-__all__ = ["DenseHead", "FixedFanInHead", "HeadFactory", "HeadOptimizer", "InputTooNarrow"]
+__all__ = ["DenseHead", "FixedFanInHead", "HeadFactory", "HeadOptimizer", "InputTooNarrow", "LexicalHead"]
 
 HeadFactory = Callable[[int, int, torch.Generator | None], nn.Module]
 
@@ -90,6 +90,49 @@ class FixedFanInHead(FixedFanInLinear):
             raise InputTooNarrow("fan_in", fan_in, in_features)
         super().__init__(in_features, num_labels, fan_in, impl=impl, generator=generator)
         self.optimizer_settings = settings
+
+
+class LexicalHead(nn.Module):
+    """Label scores read straight off the document's TF-IDF vector, added to the main head's.
+
+    The main head sees the lexical features only through the encoder's projection and the intermediate layer, a
+    bottleneck where a rare label's identifying word (a package name, a file name) blurs with the rest. This head
+    is the sparse linear model the tree-based peers learn: every label reads ``fan_in`` of the lexical features with
+    its own weights, a fixed fan-in layer whose connections start at the label's strongest terms over its training
+    documents (:func:`xmc_dst.lexical.label_term_profiles`, set by the model from the DataModule before training)
+    with those centroid values as weights. Its topology comes from the data, so dynamic sparse training leaves it
+    alone (``static_topology``). The batch's TF-IDF rows are densified, ``[batch, num_features]`` floats, for the
+    gather (the layer's cost is ``batch * num_labels * fan_in`` whatever the width).
+    """
+
+    def __init__(self, num_features: int, num_labels: int, fan_in: int, generator: torch.Generator | None = None,
+                 impl: Impl = "auto") -> None:
+        super().__init__()
+        if not 1 <= fan_in <= num_features:
+            raise ValueError(f"lexical_fan_in must be between 1 and the {num_features} lexical features, got {fan_in}")
+        self.layer = FixedFanInLinear(num_features, num_labels, fan_in, bias=False, impl=impl, generator=generator)
+        self.layer.static_topology = True
+        nn.init.zeros_(self.layer.weight)
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_profiles(self, indices: Tensor, values: Tensor) -> None:
+        """Start every label at ``indices`` [num_labels, fan_in] (sorted, distinct per row) with weights ``values``."""
+        layer = self.layer
+        if indices.shape != layer.indices.shape or values.shape != layer.weight.shape:
+            raise ValueError(f"expected profiles of shape {tuple(layer.indices.shape)}, got {tuple(indices.shape)} "
+                             f"and {tuple(values.shape)}")
+        layer.indices.copy_(indices.to(layer.indices.dtype))
+        layer.weight.copy_(values.to(layer.weight.dtype))
+        layer.topology_version += 1
+        self.initialised.fill_(True)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        offsets = batch["lexical_offsets"].long()
+        rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+        dense = torch.zeros(offsets.numel() - 1, self.layer.in_features, device=self.layer.weight.device)
+        dense[rows, batch["lexical_ids"].long()] = batch["lexical_values"].float()
+        return self.layer(dense)
 
 
 class DenseHead(nn.Linear):

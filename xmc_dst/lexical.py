@@ -145,3 +145,70 @@ class LexicalVocabulary:
         settings = json.loads((folder / "lexical.json").read_text(encoding="utf-8"))
         return cls(arrays["kept"], arrays["idf"], settings["ngrams"])
 
+
+
+def _expand(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions ``offsets[r] .. offsets[r + 1]`` of every row ``r`` in ``rows``, concatenated."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    starts = np.repeat(offsets[rows] - np.cumsum(lengths) + lengths, lengths)
+    return starts + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+def label_term_profiles(label_offsets: np.ndarray, label_ids: np.ndarray, term_offsets: np.ndarray,
+                        term_ids: np.ndarray, term_values: np.ndarray, num_labels: int, num_terms: int,
+                        fan_in: int, seed: int = 0, max_pairs: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+    """Each label's ``fan_in`` strongest terms: the largest entries of the sum of its training documents' TF-IDF
+    vectors (a label centroid, the classic start of a linear text classifier), L2-normalised per label.
+
+    Documents are CSR rows of labels and of (term, value). Returns ``indices`` [num_labels, fan_in] (sorted, distinct
+    per row) and ``values`` (float32). A label with fewer distinct terms (or no document) fills its remaining slots
+    with distinct random terms (``seed``) at weight 0. The work is done a block of labels at a time, each block
+    holding at most ``max_pairs`` (label, document term) pairs, so memory stays bounded on large data.
+    """
+    if not 1 <= fan_in <= num_terms:
+        raise ValueError(f"fan_in must be between 1 and the {num_terms} lexical features, got {fan_in}")
+    label_offsets, term_offsets = label_offsets.astype(np.int64), term_offsets.astype(np.int64)
+    docs = np.repeat(np.arange(label_offsets.size - 1), np.diff(label_offsets))
+    order = np.argsort(label_ids, kind="stable")
+    occ_labels, occ_docs = label_ids[order].astype(np.int64), docs[order]
+    pair_counts = np.cumsum(np.diff(term_offsets)[occ_docs])
+    indices = np.zeros((num_labels, fan_in), dtype=np.int64)
+    values = np.zeros((num_labels, fan_in), dtype=np.float32)
+    filled = np.zeros(num_labels, dtype=np.int64)
+    start = 0
+    while start < occ_labels.size:  # label blocks: whole labels, about max_pairs pairs each
+        stop = int(np.searchsorted(pair_counts, (pair_counts[start - 1] if start else 0) + max_pairs, "right"))
+        stop = max(stop, start + 1)
+        stop = int(np.searchsorted(occ_labels, occ_labels[stop - 1], "right"))  # end on a label boundary
+        positions = _expand(term_offsets, occ_docs[start:stop])
+        labels = np.repeat(occ_labels[start:stop], np.diff(term_offsets)[occ_docs[start:stop]])
+        keys, inverse = np.unique(labels * num_terms + term_ids[positions].astype(np.int64), return_inverse=True)
+        sums = np.bincount(inverse, weights=term_values[positions].astype(np.float64))
+        key_labels, key_terms = keys // num_terms, keys % num_terms
+        best = np.lexsort((-sums, key_labels))  # by label, strongest first
+        key_labels, key_terms, sums = key_labels[best], key_terms[best], sums[best]
+        first = np.searchsorted(key_labels, key_labels, "left")
+        rank = np.arange(key_labels.size) - first
+        keep = rank < fan_in
+        indices[key_labels[keep], rank[keep]] = key_terms[keep]
+        values[key_labels[keep], rank[keep]] = sums[keep]
+        np.maximum.at(filled, key_labels[keep], rank[keep] + 1)
+        start = stop
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    np.divide(values, norms, out=values, where=norms > 0)
+    _fill_and_sort(indices, values, filled, num_terms, np.random.default_rng(seed))
+    return indices, values
+
+
+def _fill_and_sort(indices: np.ndarray, values: np.ndarray, filled: np.ndarray, num_terms: int,
+                   rng: np.random.Generator) -> None:
+    """Give rows with fewer than ``fan_in`` terms distinct random extra terms (weight 0); sort every row."""
+    fan_in = indices.shape[1]
+    for row in np.flatnonzero(filled < fan_in):
+        have = indices[row, :filled[row]]
+        extra = rng.choice(num_terms, size=min(num_terms, fan_in + have.size), replace=False)
+        extra = extra[~np.isin(extra, have)][:fan_in - have.size]
+        indices[row, filled[row]:] = extra
+    order = np.argsort(indices, axis=1, kind="stable")
+    indices[:] = np.take_along_axis(indices, order, 1)
+    values[:] = np.take_along_axis(values, order, 1)

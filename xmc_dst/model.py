@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from xmc_dst.clusters import ClusterNamesNeeded, count_clusters, load_cluster_file
 from xmc_dst.components import factory_spec, resolve_factory
 from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation
-from xmc_dst.heads import FixedFanInHead, HeadFactory, HeadOptimizer, InputTooNarrow
+from xmc_dst.heads import FixedFanInHead, HeadFactory, HeadOptimizer, InputTooNarrow, LexicalHead
 from xmc_dst.losses import LossName, Reduction, bce_with_logits, rows_of, xmc_loss
 from xmc_dst.metrics import XMCMetrics, inverse_propensity, mask_reciprocal_logits
 from xmc_dst.optim import Algorithm, GroupwiseOptimizer, Schedule, drop_parameters, schedule_lambda, split_no_decay
@@ -192,6 +192,10 @@ class XMCModule(L.LightningModule):
             labels and the seeded generator. Default: ``FixedFanInHead`` with its defaults. A head whose arguments
             do not fit its input width (``fan_in`` above it) fails at construction.
         intermediate_dim: width of a dense layer between the encoder and the head (0: none).
+        lexical_fan_in: with lexical features in the data, a :class:`~xmc_dst.heads.LexicalHead` whose labels read
+            this many TF-IDF features each, started at their strongest training terms, its scores added to the
+            head's (0: none).
+        lexical_head_lr: its learning rate (AdamW, no weight decay; default: the head's).
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
         aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
@@ -226,6 +230,8 @@ class XMCModule(L.LightningModule):
         head: HeadFactory | None = None,
         intermediate_dim: int = 0,
         intermediate_activation: Activation = "identity",
+        lexical_fan_in: int = 0,
+        lexical_head_lr: float | None = None,
         aux_clusters: int = 0,
         aux_cluster_file: str | None = None,
         loss: LossName = "squared_hinge",
@@ -274,6 +280,15 @@ class XMCModule(L.LightningModule):
             self.intermediate = None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.head = self._build_head(head, features, num_labels, generator, intermediate_dim)
+        self.lexical_head: LexicalHead | None = None
+        if lexical_fan_in:
+            if not num_lexical_features:
+                raise ValueError(f"lexical_fan_in={lexical_fan_in} needs lexical features from the data: set the "
+                                 "DataModule's lexical_features, or lexical_fan_in 0")
+            if getattr(self.encoder, "lexical", None) is None:
+                raise ValueError(f"lexical_fan_in={lexical_fan_in} needs the encoder's lexical projection (its "
+                                 "lexical_dim > 0), which carries the TF-IDF vocabulary into checkpoints")
+            self.lexical_head = LexicalHead(int(num_lexical_features), num_labels, lexical_fan_in, generator)
 
         self.aux_alpha: float = 0.0
         self._clusters_pending = False
@@ -345,7 +360,14 @@ class XMCModule(L.LightningModule):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Label scores [batch, num_labels] of a batch dict (text: ``input_ids``, ``attention_mask``; BoW:
         ``feature_ids``, ``feature_values``, ``feature_offsets``)."""
-        return self.logits_from_features(self.features(batch))
+        return self.logits(batch, self.features(batch))
+
+    def logits(self, batch: Mapping[str, Tensor], features: Tensor) -> Tensor:
+        """The head's scores of ``features``, plus the lexical head's of the batch's TF-IDF rows if there is one."""
+        logits = self.logits_from_features(features)
+        if self.lexical_head is not None:
+            logits = logits + self.lexical_head(batch)
+        return logits
 
     def scores(self, logits: Tensor) -> Tensor:
         """Scores reported by predictions: sigmoid probabilities for ``bce``, raw margins for ``squared_hinge``."""
@@ -402,7 +424,7 @@ class XMCModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         features = self.features(batch)
-        logits = self.logits_from_features(features)
+        logits = self.logits(batch, features)
         label_ids, label_offsets = batch["label_ids"], batch["label_offsets"]
         loss = xmc_loss(self.hparams.loss, logits, label_ids, label_offsets, self.hparams.loss_reduction,
                         self._positive_weights)
@@ -440,6 +462,10 @@ class XMCModule(L.LightningModule):
                                **side))
         groups.append(dict(name="head", params=list(self.head.parameters()), lr=head.lr, weight_decay=head.weight_decay,
                            algorithm=head.algorithm, momentum=head.momentum))
+        if self.lexical_head is not None:
+            groups.append(dict(name="lexical_head", params=list(self.lexical_head.parameters()),
+                               lr=hp.lexical_head_lr if hp.lexical_head_lr is not None else head.lr, weight_decay=0.0,
+                               algorithm="adamw", momentum=hp.momentum))
         optimizer = GroupwiseOptimizer(groups)
 
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
@@ -479,6 +505,10 @@ class XMCModule(L.LightningModule):
             lexical = getattr(self.encoder, "lexical", None)
             if lexical is not None and vocabulary is not None:
                 lexical.set_vocabulary(vocabulary)
+            if stage == "fit" and self.lexical_head is not None and not bool(self.lexical_head.initialised):
+                indices, values = datamodule.label_term_profiles(self.lexical_head.layer.fan_in,
+                                                                 seed=self.hparams.seed or 0)
+                self.lexical_head.set_profiles(torch.from_numpy(indices), torch.from_numpy(values))
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
                 inv_propensity = inverse_propensity(
                     datamodule.train_label_counts, datamodule.num_train_docs,
