@@ -12,7 +12,14 @@ variant, in a fresh subprocess (so its peak RSS is its own), with the same proto
 training documents held out to select the checkpoint, the best checkpoint tested on the full test split, test labels
 unseen in training dropped from the targets (points kept). PSP uses A = 0.55, B = 1.5 for every dataset.
 
-Variants (what each one shows):
+Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one recipe for both):
+  recipe               the config as shipped
+  recipe+dense         the same with the nn.Linear head (no DST)
+  recipe-lexical-head  without the lexical head (lexical_fan_in 0)
+  recipe-lexical       without any lexical feature (neither projection nor head)
+  recipe+propensity    positives weighted by their label's inverse propensity
+
+Variants on the bag-of-words sets (what each one shows):
   dense            the nn.Linear baseline head
   sparse-f<k>      fixed fan-in head at fan-in k (two values per dataset), with DST (SET rewiring)
   +intermediate    sparse head after a dense intermediate layer (the paper's gradient-flow remedy 1)
@@ -61,15 +68,20 @@ DST = "callbacks.DynamicSparseTraining"
 AUX = "callbacks.AuxiliaryObjective"
 
 RELU_1024 = {"model.intermediate_dim": 1024, "model.intermediate_activation": "relu"}
+DEBIAN_FILES = {"data.class_path": "datamodules.DebianFiles"}  # the same recipe, the other shipped raw-text set
+# The raw-text recipe (configs/raw-text.yaml) and what each of its parts buys, on every raw-text dataset.
+RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
+    "recipe+dense": {"model.head.class_path": "xmc_dst.heads.DenseHead", "model.head.init_args.fan_in": None,
+                     "model.head.init_args.impl": None, f"callbacks.{DST}": None},
+    "recipe-lexical-head": {"model.lexical_fan_in": 0},
+    "recipe-lexical": {"model.lexical_fan_in": 0, "model.encoder.init_args.lexical_dim": 0,
+                       "data.init_args.lexical_features": 0},
+    "recipe+propensity": {"model.positive_weighting": "propensity"},
+}
 DATASETS: dict[str, dict[str, Any]] = {
-    "debtags": {"config": "configs/debtags.yaml", "fan_ins": (32, 128), "aux_clusters": 32, "aux_cutoff": 10,
-                "default": "sparse+intermediate",
-                "extra": {"sparse+intermediate+lexical": {"model.encoder.init_args.lexical_dim": 768,
-                                                           "data.init_args.lexical_features": 100_000},
-                          # MiniLM fine-tuned end to end (every layer trains; no feature cache): 3 epochs
-                          "sparse+intermediate+fine-tuned": {"model.encoder.init_args.trainable_layers": -1,
-                                                             "model.encoder.init_args.cache_features": False,
-                                                             "model.encoder_lr": 5e-5, "trainer.max_epochs": 3}}},
+    "debtags": {"config": "configs/raw-text.yaml", "default": "recipe", "variants": RECIPE_VARIANTS, "base": {}},
+    "debian-files": {"config": "configs/raw-text.yaml", "default": "recipe", "variants": RECIPE_VARIANTS,
+                     "base": DEBIAN_FILES},
     "bibtex": {"config": "configs/bibtex.yaml", "fan_ins": (16, 64), "aux_clusters": 16, "aux_cutoff": 10,
                "default": "sparse-f64", "extra": {}},
     "delicious": {"config": "configs/delicious.yaml", "fan_ins": (32, 128), "aux_clusters": 64, "aux_cutoff": 10,
@@ -79,8 +91,14 @@ DATASETS: dict[str, dict[str, Any]] = {
 
 def variants(dataset: str) -> dict[str, dict[str, Any]]:
     """Changes of the dataset's config per variant; ``None`` removes a key, ``callbacks.X`` edits a callback.
-    Each dataset's shipped config is one of the variants (``DATASETS[d]["default"]``) with no change."""
+    Each dataset's shipped config is one of the variants (``DATASETS[d]["default"]``) with no change (beyond the
+    dataset's ``base``: the DataModule of a dataset that shares a config)."""
     spec = DATASETS[dataset]
+    if "variants" in spec:
+        base = spec["base"]
+        out = {name: {**base, **changes} for name, changes in spec["variants"].items()}
+        out[spec["default"]] = dict(base)
+        return out
     low, high = spec["fan_ins"]
     out: dict[str, dict[str, Any]] = {
         "dense": {"model.head.class_path": "xmc_dst.heads.DenseHead", "model.head.init_args.fan_in": None,
@@ -99,7 +117,10 @@ def variants(dataset: str) -> dict[str, dict[str, Any]]:
 
 
 def headline(dataset: str) -> tuple[str, ...]:
-    """Variants run with every seed: the dense baseline, the shipped config and the two gradient-flow remedies."""
+    """Variants run with every seed: the dense baseline and the shipped config (and, on the bag-of-words sets, the two
+    gradient-flow remedies)."""
+    if "variants" in DATASETS[dataset]:
+        return ("recipe+dense", DATASETS[dataset]["default"])
     return ("dense", DATASETS[dataset]["default"], "sparse+intermediate", "sparse+aux")
 
 
@@ -330,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
     write_report(runs, args.out, command=command, machine=machine(), commit=git_commit(),
                  datasets=args.datasets, peers=not args.no_peers,
-                 aux_pairs={d: (DATASETS[d]["default"], "sparse+aux") for d in DATASETS})
+                 aux_pairs={d: (DATASETS[d]["default"], "sparse+aux") for d in DATASETS
+                            if "variants" not in DATASETS[d]})
     return 0
 
 

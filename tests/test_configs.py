@@ -51,7 +51,7 @@ DATASETS: dict[str, Dataset] = {
     "amazon-670k": Dataset("Amazon670K", "data/Amazon-670K", functools.partial(write_raw_text, clusters=True)),
     "wiki-500k": Dataset("Wiki500K", "data/Wiki-500K", functools.partial(write_raw_text, clusters=True)),
     "lf-amazontitles-131k": Dataset("LFAmazonTitles131K", "data/LF-AmazonTitles-131K", write_lf),
-    "debtags": Dataset("Debtags", None, write_debtags),
+    "raw-text": Dataset("Debtags", None, write_debtags),
     "bibtex": Dataset("Bibtex", None, write_xc_sparse),
     "delicious": Dataset("Delicious", None, write_xc_sparse),
 }
@@ -333,8 +333,8 @@ def _local(tmp: Path, name: str) -> list[str]:
     return args
 
 
-def test_debtags_fast_dev_run_with_the_shipped_encoder(tmp_path, capsys):
-    run = cli(["fit", "--config", _config("debtags"), "--config", _fragment("fast-dev-run"), *_local(tmp_path, "d")])
+def test_raw_text_fast_dev_run_with_the_shipped_encoder(tmp_path, capsys):
+    run = cli(["fit", "--config", _config("raw-text"), "--config", _fragment("fast-dev-run"), *_local(tmp_path, "d")])
     model, data = run.model, run.datamodule
     assert type(data).__name__ == "Debtags" and model.hparams.num_labels == 595
     assert model.hparams.tokenizer == data.tokenizer_name and Path(data.tokenizer_name).is_dir()
@@ -343,15 +343,16 @@ def test_debtags_fast_dev_run_with_the_shipped_encoder(tmp_path, capsys):
     assert "Test Debtags" in capsys.readouterr().out
 
 
-def test_debtags_config_on_any_raw_text_directory(workspace, tmp_path):
+def test_raw_text_config_on_any_raw_text_directory(workspace, tmp_path):
     """Another data folder in the raw-text layout: the label count comes from its files, the rest from the yaml."""
     _, written = workspace
-    run = cli(["--config", _config("debtags"), "--data", "datamodules.RawTextXMCDataModule",
+    run = cli(["--config", _config("raw-text"), "--data", "datamodules.RawTextXMCDataModule",
                "--data.data_dir", str(written["amazon-670k"].directory), *_local(tmp_path, "raw")], run=False)
     data, model = run.datamodule, run.model
     assert type(data).__name__ == "RawTextXMCDataModule" and data.max_length == 32 and data.batch_size == 64
     assert model.hparams.num_labels == data.num_labels == 12 and model.head.out_features == 12
     assert model.hparams.tokenizer == data.tokenizer_name  # the shipped MiniLM, the DataModule's default
+    assert run.trainer.logger.name == written["amazon-670k"].directory.name  # the recipe's run: named after its data
 
 
 def test_bibtex_fast_dev_run_and_overfit_fragment(tmp_path):

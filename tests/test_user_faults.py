@@ -341,6 +341,7 @@ def _checkpoint_files(tmp_path: Path, trained: Path) -> dict[str, Path]:
     (["--data.num_workers", "-1"], "num_workers must be >= 0, got -1"),
     (["--trainer.max_epochs", "0"], "--trainer.max_epochs 0: fit would train nothing"),
     (["--trainer.max_steps", "0"], "--trainer.max_steps 0: fit would train nothing"),
+    (["--trainer.max_epochs", "-1"], "--trainer.max_epochs -1 without max_steps or a callbacks.TrainingBudget"),
     (["--model.predict_k", "0"], "model.predict_k must be an integer >= 1 (labels per document), got 0"),
     (["--model.ks", "[1, 0]"], "every k of model.ks must be an integer >= 1"),
     (["--model.intermediate_dim", "-8"], "model.intermediate_dim must be >= 0, got -8"),

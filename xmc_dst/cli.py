@@ -1,8 +1,8 @@
 """The ``xmc-dst`` command line: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
 
-    xmc-dst fit --config configs/debtags.yaml                       # train (and test: test_after_fit in the yaml)
-    xmc-dst test --config configs/debtags.yaml --ckpt_path best.ckpt
-    xmc-dst predict --config configs/debtags.yaml --ckpt_path best.ckpt --data.init_args.predict_file docs.txt
+    xmc-dst fit --config configs/raw-text.yaml                       # train (and test: test_after_fit in the yaml)
+    xmc-dst test --config configs/raw-text.yaml --ckpt_path best.ckpt
+    xmc-dst predict --config configs/raw-text.yaml --ckpt_path best.ckpt --data.init_args.predict_file docs.txt
 
 The DataModule is chosen in yaml (``data: {class_path, init_args}``); the model's label count, tokenizer and
 bag-of-words width come from it by argument links (applied when the DataModule has been built), so they are never
@@ -156,6 +156,11 @@ def _check_trains_something(trainer: Any) -> None:
             raise ValueError(f"--trainer.{key} {value}: fit would train nothing (and test_after_fit would report "
                              f"the untrained model); give a positive --trainer.{key}, or run test/predict with "
                              "--ckpt_path to evaluate a trained checkpoint")
+    callbacks = _get_key(trainer, "callbacks") or []
+    budget = any(str(_get_key(c, "class_path") or type(c).__name__).endswith("TrainingBudget") for c in callbacks)
+    if _get_key(trainer, "max_epochs") == -1 and _get_key(trainer, "max_steps") in (None, -1) and not budget:
+        raise ValueError("--trainer.max_epochs -1 without max_steps or a callbacks.TrainingBudget would never end: "
+                         "give --trainer.max_epochs N (or keep the config's TrainingBudget callback)")
 
 
 def check_writable(folder: str | Path, option: str) -> None:
@@ -195,24 +200,30 @@ def _check_output_folders(subcommand: str, config: Any) -> None:
 
 
 def _name_run_after_own_folder(config: Any) -> None:
-    """A named dataset's config run on a user's own folder (``--data.data_dir``): the logger's name is the folder's,
-    not the dataset's (the DataModule also names its cache after the folder and skips the published statistics)."""
+    """Name the logger's run after its data when the config leaves ``name`` null (a recipe shared by datasets): the
+    named dataset's name, or the data folder's. A named dataset's config run on a user's own folder
+    (``--data.data_dir``) is named after the folder, not the dataset (the DataModule also names its cache after the
+    folder and skips the published statistics)."""
     from datamodules.named import NamedDataset
 
     data = _get_key(config, "data")
     class_path, data_dir = _get_key(data, "class_path"), _get_key(_get_key(data, "init_args"), "data_dir")
     init_args = _logger_init_args(config)
-    if not isinstance(class_path, str) or data_dir is None or init_args is None:
+    if not isinstance(class_path, str) or init_args is None:
         return
     module, _, attribute = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError, ValueError):
         return  # jsonargparse reports an unknown class itself
-    if not (isinstance(cls, type) and issubclass(cls, NamedDataset)) or cls.holds_own_data(data_dir):
-        return
-    if _get_key(init_args, "name") == cls.default_name:
-        init_args["name"] = Path(data_dir).expanduser().resolve().name
+    named = isinstance(cls, type) and issubclass(cls, NamedDataset)
+    own = named and (data_dir is None or cls.holds_own_data(data_dir))
+    folder = Path(data_dir).expanduser().resolve().name if data_dir is not None else None
+    name = _get_key(init_args, "name")
+    if name is None:
+        init_args["name"] = cls.default_name if own else (folder or "xmc-dst")
+    elif named and not own and name == cls.default_name:
+        init_args["name"] = folder
         log.info("%s is not %s's folder: runs are logged under %s", data_dir, cls.__name__, init_args["name"])
 
 
