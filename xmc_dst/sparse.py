@@ -257,8 +257,9 @@ class RewireResult:
 class RegrowthCandidates(Protocol):
     """Chosen regrowth inputs for :meth:`FixedFanInLinear.rewire` (e.g. :class:`xmc_dst.regrowth.GradientScores`)."""
 
-    def best_unconnected(self, indices: Tensor, counts: Tensor) -> Tensor:
-        """Per row of ``indices`` [rows, k], ``max(counts)`` distinct inputs absent from the row, best first."""
+    def best_unconnected(self, indices: Tensor, counts: Tensor, members: Tensor | None = None) -> Tensor:
+        """Per row of ``indices`` [rows, k], ``max(counts)`` distinct inputs absent from the row, best first; with
+        ``members`` [rows, G] (output ids, -1 for none) a row is scored for all its outputs together."""
         ...
 
 
