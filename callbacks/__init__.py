@@ -9,6 +9,7 @@ nothing. In a LightningCLI yaml: ``trainer.callbacks: [{class_path: callbacks.Dy
 
 from callbacks.auxiliary import AuxiliaryModule, AuxiliaryObjective
 from callbacks.dst import DynamicSparseTraining
+from callbacks.grouping import LabelGrouping
 from callbacks.guard import FiniteLossGuard, NonFiniteLossError
 from callbacks.memory import MemoryProfiler
 from callbacks.oom import OutOfMemoryAdvice, OutOfMemoryAdvisor
@@ -19,6 +20,7 @@ __all__ = [
     "AuxiliaryObjective",
     "DynamicSparseTraining",
     "FiniteLossGuard",
+    "LabelGrouping",
     "LastCheckpoint",
     "MemoryProfiler",
     "NonFiniteLossError",

@@ -354,7 +354,8 @@ class XMCModule(L.LightningModule):
             groups.append(dict(name="aux", params=params, lr=hp.aux_lr, weight_decay=hp.encoder_weight_decay,
                                **side))
         groups.append(dict(name="head", params=list(self.head.parameters()), lr=head.lr, weight_decay=head.weight_decay,
-                           algorithm=head.algorithm, momentum=head.momentum))
+                           algorithm=head.algorithm, momentum=head.momentum, state_dtype=head.state_dtype,
+                           rounding_seed=head.rounding_seed))
         optimizer = GroupwiseOptimizer(groups)
 
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
