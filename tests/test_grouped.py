@@ -37,7 +37,7 @@ def shuffled(num_labels: int, group_size: int, seed: int = 0) -> torch.Tensor:
     return group_positions(num_labels, group_size, assignment)
 
 
-def layer(in_features=30, out_features=45, fan_in=5, group_size=4, bias=True, impl="torch", seed=0,
+def layer(in_features=30, out_features=46, fan_in=5, group_size=4, bias=True, impl="torch", seed=0,
           dtype=torch.float64) -> GroupedFanInLinear:
     lay = GroupedFanInLinear(in_features, out_features, fan_in, group_size, bias=bias, impl=impl,
                              generator=torch.Generator().manual_seed(seed),
@@ -48,10 +48,12 @@ def layer(in_features=30, out_features=45, fan_in=5, group_size=4, bias=True, im
 @pytest.mark.parametrize("impl", impls)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tile", [1 << 18, 16])  # one chunk of groups, and a chunk per group
-def test_forward_and_gradients_match_per_label_oracle(impl, bias, tile, monkeypatch) -> None:
+# batches below, at and above the kernels' 64-wide tile; groups of a whole and a partial block of 4 kernel rows
+@pytest.mark.parametrize("batch,group_size", [(7, 4), (64, 6), (70, 3)])
+def test_forward_and_gradients_match_per_label_oracle(impl, bias, tile, batch, group_size, monkeypatch) -> None:
     monkeypatch.setattr(grouped, "TILE_ELEMENTS", tile)
-    lay = layer(bias=bias, impl=impl)
-    x = torch.randn(7, 30, dtype=torch.float64, requires_grad=True)
+    lay = layer(bias=bias, impl=impl, group_size=group_size)
+    x = torch.randn(batch, 30, dtype=torch.float64, requires_grad=True)
     y = lay(x)
     grad = torch.randn_like(y)
     y.backward(grad)
@@ -82,6 +84,22 @@ def test_gradcheck(impl, bias) -> None:
         return torch.func.functional_call(lay, {"weight": params[0], **({"bias": params[1]} if bias else {})}, (x,))
 
     assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("impl", impls)
+@pytest.mark.parametrize("batch", [5, 64])
+def test_fp32_matches_the_oracle_in_every_kernel_path(impl, batch) -> None:
+    lay = layer(impl=impl, group_size=5, dtype=torch.float32)
+    x = torch.randn(batch, 30, requires_grad=True)
+    y = lay(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    weights, inputs = per_label(lay)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = oracle(x_ref.double(), weights.double(), inputs, lay.bias.detach().double())
+    y_ref.backward(grad.double())
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad.double(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", impls)
@@ -216,7 +234,7 @@ def test_gradient_regrowth_takes_the_best_summed_scores_per_group() -> None:
 def test_state_dict_round_trip_keeps_grouping_and_topology() -> None:
     lay = layer(dtype=torch.float32)
     lay.rewire("fraction", 0.3, generator=torch.Generator().manual_seed(0))
-    other = GroupedFanInLinear(30, 45, 5, 4)
+    other = GroupedFanInLinear(30, 46, 5, 4, impl="torch")
     other.load_state_dict(lay.state_dict())
     x = torch.randn(3, 30)
     torch.testing.assert_close(other(x), lay(x), rtol=0, atol=0)

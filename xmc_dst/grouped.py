@@ -40,6 +40,7 @@ from xmc_dst.sparse import (
     RegrowthCandidates,
     RewireResult,
     _num_threads,
+    _ptr,
     _uniform,
     fill_pruned,
     prune_mask,
@@ -90,7 +91,7 @@ class _GroupedTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # noqa: D102
-                position: Tensor) -> Tensor:
+                position: Tensor, order: Tensor) -> Tensor:
         xt = x.t().contiguous()  # [in, batch]: a group's tile is fan_in contiguous rows
         groups, size, fan_in = weight.shape
         batch = xt.shape[1]
@@ -132,7 +133,7 @@ class _GroupedTorch(torch.autograd.Function):
                 grad_xt.index_add_(0, flat, grad_tile.view(-1, batch))
         grad_b = grad_t.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = grad_xt.t() if want_x else None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _grouped_kernels():
@@ -146,44 +147,45 @@ def _chunk_groups(fan_in: int, batch: int) -> int:
 
 
 class _GroupedKernel(torch.autograd.Function):
-    """Forward and both gradients through the C kernels (CPU, fp32/fp64 compute, contiguous tensors)."""
+    """Forward and both gradients through the C kernels (CPU, fp32/fp64 compute, contiguous tensors); ``order`` is
+    the label of every slot (int32, -1 for padding), the inverse of ``position``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # noqa: D102
-                position: Tensor) -> Tensor:
+                position: Tensor, order: Tensor) -> Tensor:
         lib = load_kernels()
         suffix = "f64" if x.dtype == torch.float64 else "f32"
         xt = x.t().contiguous()
         w = weight.to(x.dtype).contiguous()
         groups, size, fan_in = w.shape
         out_t = torch.empty(position.numel(), xt.shape[1], dtype=x.dtype)
+        b = bias.to(x.dtype).contiguous() if bias is not None else None
         getattr(lib, f"ffi_grouped_forward_{suffix}")(
-            xt.data_ptr(), w.data_ptr(), indices.data_ptr(), position.data_ptr(), out_t.data_ptr(),
-            groups, size, fan_in, position.numel(), xt.shape[1], _num_threads())
-        if bias is not None:
-            out_t += bias.to(x.dtype)[:, None]
-        ctx.save_for_backward(xt, weight, indices, position)
+            xt.data_ptr(), w.data_ptr(), indices.data_ptr(), order.data_ptr(), _ptr(b), out_t.data_ptr(),
+            groups, size, fan_in, xt.shape[1], _num_threads())
+        ctx.save_for_backward(xt, weight, indices, order)
         ctx.has_bias = bias is not None
         return out_t.t()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
-        xt, weight, indices, position = ctx.saved_tensors
+        xt, weight, indices, order = ctx.saved_tensors
         lib = load_kernels()
         suffix = "f64" if xt.dtype == torch.float64 else "f32"
         grad_t = grad_out.to(xt.dtype).t().contiguous()
         w = weight.to(xt.dtype).contiguous()
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_w = torch.empty_like(w) if want_w else None
         grad_xt = torch.empty_like(xt) if want_x else None
-        if want_x or want_w:
+        grad_b = torch.empty(grad_t.shape[0], dtype=xt.dtype) if want_b else None
+        if want_x or want_w or want_b:
             groups, size, fan_in = w.shape
             getattr(lib, f"ffi_grouped_backward_{suffix}")(
-                xt.data_ptr(), w.data_ptr(), indices.data_ptr(), position.data_ptr(), grad_t.data_ptr(),
-                grad_w.data_ptr() if want_w else None, grad_xt.data_ptr() if want_x else None,
-                groups, size, fan_in, position.numel(), xt.shape[0], xt.shape[1], _num_threads())
-        grad_b = grad_t.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_xt.t() if want_x else None, grad_w, grad_b, None, None
+                xt.data_ptr(), w.data_ptr(), indices.data_ptr(), order.data_ptr(), grad_t.data_ptr(),
+                _ptr(grad_w), _ptr(grad_xt), _ptr(grad_b), groups, size, fan_in, xt.shape[0], xt.shape[1],
+                _num_threads())
+        return grad_xt.t() if want_x else None, grad_w, grad_b, None, None, None
 
 
 class GroupedFanInLinear(nn.Module):
@@ -255,10 +257,18 @@ class GroupedFanInLinear(nn.Module):
 
     def members(self) -> Tensor:
         """Label of every slot, int64 ``[num_groups, group_size]`` (-1 for padding)."""
-        slots = torch.full((self.num_groups * self.group_size,), -1, dtype=torch.long,
-                           device=self.label_position.device)
-        slots[self.label_position.long()] = torch.arange(self.out_features, device=slots.device)
-        return slots.view(self.num_groups, self.group_size)
+        return self.slot_labels().long().view(self.num_groups, self.group_size)
+
+    def slot_labels(self) -> Tensor:
+        """Label of every slot, int32 ``[num_groups * group_size]`` (-1 for padding); cached until the grouping
+        changes (``set_label_position``, ``load_state_dict``, ``.to``)."""
+        position = self.label_position
+        key = (position.data_ptr(), position._version, position.device)
+        if getattr(self, "_slot_key", None) != key:
+            slots = torch.full((self.num_groups * self.group_size,), -1, dtype=INDEX_DTYPE, device=position.device)
+            slots[position.long()] = torch.arange(self.out_features, dtype=INDEX_DTYPE, device=position.device)
+            self._slot_labels, self._slot_key = slots, key
+        return self._slot_labels
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
@@ -286,7 +296,8 @@ class GroupedFanInLinear(nn.Module):
             out_dtype = torch.get_autocast_dtype(x.device.type)
         function = _GroupedKernel if self.resolved_impl(x.device) == "kernel" else _GroupedTorch
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = function.apply(x.to(compute), self.weight, self.bias, self.indices, self.label_position)
+            y = function.apply(x.to(compute).contiguous(), self.weight, self.bias, self.indices.contiguous(),
+                               self.label_position, self.slot_labels())
         return y.to(out_dtype).reshape(*lead, self.out_features)
 
     def dense_weight(self) -> Tensor:

@@ -69,6 +69,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"ffi_backward_{suffix}")
         bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
         bwd.restype = None
+    for suffix in ("f32", "f64"):
+        fwd = getattr(lib, f"ffi_grouped_forward_{suffix}")
+        fwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int]
+        fwd.restype = None
+        bwd = getattr(lib, f"ffi_grouped_backward_{suffix}")
+        bwd.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, c_int]
+        bwd.restype = None
     lib.ffi_regrow.argtypes = [p, p, i64, i64, i64, ctypes.c_uint64, c_int, p, p, c_int]
     lib.ffi_regrow.restype = c_int
     lib.ffi_prune_f32.argtypes = [p, i64, i64, c_int, ctypes.c_float, i64, p, c_int]
