@@ -228,6 +228,10 @@ class GroupedFanInLinear(nn.Module):
         position = group_positions(out_features, group_size) if label_position is None else label_position
         _check_positions(position, out_features, self.num_groups * group_size)
         self.register_buffer("label_position", position.to(device=device, dtype=INDEX_DTYPE))
+        # slot -> label (-1: padding), derived from label_position; a buffer so that it follows .to() and memory counts
+        self.register_buffer("_slot_labels", torch.empty(self.num_groups * group_size, dtype=INDEX_DTYPE,
+                                                         device=device), persistent=False)
+        self._slot_key: tuple | None = None
         self.register_buffer("topology_version", torch.zeros((), dtype=torch.int64, device=device))
         self.reset_parameters(generator)
 
@@ -262,13 +266,13 @@ class GroupedFanInLinear(nn.Module):
     def slot_labels(self) -> Tensor:
         """Label of every slot, int32 ``[num_groups * group_size]`` (-1 for padding); cached until the grouping
         changes (``set_label_position``, ``load_state_dict``, ``.to``)."""
-        position = self.label_position
-        key = (position.data_ptr(), position._version, position.device)
-        if getattr(self, "_slot_key", None) != key:
-            slots = torch.full((self.num_groups * self.group_size,), -1, dtype=INDEX_DTYPE, device=position.device)
-            slots[position.long()] = torch.arange(self.out_features, dtype=INDEX_DTYPE, device=position.device)
-            self._slot_labels, self._slot_key = slots, key
-        return self._slot_labels
+        position, slots = self.label_position, self._slot_labels
+        key = (position.data_ptr(), position._version, slots.data_ptr(), slots._version)
+        if self._slot_key != key:
+            slots.fill_(-1).index_copy_(0, position.long(), torch.arange(self.out_features, dtype=INDEX_DTYPE,
+                                                                          device=position.device))
+            self._slot_key = (position.data_ptr(), position._version, slots.data_ptr(), slots._version)
+        return slots
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
