@@ -51,20 +51,26 @@ _BF16_DROPPED_BITS = 16
 
 def stochastic_round(value: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """fp32 ``value`` rounded to bf16 stochastically: up to the next bf16 value with probability equal to the
-    dropped fraction of the gap, down otherwise, so ``E[round(v)] = v``; bf16-representable values and non-finite
-    ones come back unchanged.
+    dropped fraction of the gap, down otherwise, so ``E[round(v)] = v``; bf16-representable values (zeros and
+    infinities included) come back unchanged, NaN stays NaN.
 
     A uniform random integer below ``2**16`` is added to the fp32 bit pattern and the low 16 bits are cleared: the
     carry into bit 16 happens exactly with probability (dropped bits) / ``2**16``. The sign-magnitude layout makes this
-    round the magnitude, so it is symmetric in the sign.
+    round the magnitude, so it is symmetric in the sign. An infinity has no dropped bits, so it never carries.
     """
     if value.dtype != torch.float32:
         raise TypeError(f"stochastic_round takes fp32 values, got {value.dtype}")
-    noise = torch.randint(0, 1 << _BF16_DROPPED_BITS, value.shape, generator=generator, device=value.device,
-                          dtype=torch.int32)
-    bits = value.contiguous().view(torch.int32).add(noise).bitwise_and_(-(1 << _BF16_DROPPED_BITS))
-    rounded = bits.view(torch.float32)
-    return torch.where(torch.isfinite(value), rounded, value).to(torch.bfloat16)
+    return _stochastic_round_(value.clone(memory_format=torch.contiguous_format), generator)
+
+
+def _stochastic_round_(value: Tensor, generator: torch.Generator | None) -> Tensor:
+    """:func:`stochastic_round` overwriting its contiguous fp32 argument (four passes over it, no fp32 copy)."""
+    nan = torch.isnan(value)  # a NaN payload near the top could carry into the sign bit
+    bits = value.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << _BF16_DROPPED_BITS, value.shape, generator=generator, device=value.device,
+                            dtype=torch.int32)).bitwise_and_(-(1 << _BF16_DROPPED_BITS))
+    return value.masked_fill_(nan, float("nan")).to(torch.bfloat16)
+
 
 # Parameter names that get no weight decay (the authors': bias, LayerNorm.weight, LayerNorm.bias); any parameter
 # with fewer than two dimensions is exempt too, which covers other spellings of norm layers.
@@ -170,9 +176,9 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
                 _adamw_rule(group, state["step"], value, grad, *moments)
             else:
                 _sgd_rule(group, value, grad, moments[0] if moments else None, fresh)
-            flat_p[part] = stochastic_round(value, generator)
+            flat_p[part] = _stochastic_round_(value, generator)
             for buffer, moment in zip(buffers, moments, strict=True):
-                buffer[part] = stochastic_round(moment, generator) if dtype == torch.bfloat16 else moment
+                buffer[part] = _stochastic_round_(moment, generator) if dtype == torch.bfloat16 else moment
         state["rounding_state"] = generator.get_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
