@@ -13,10 +13,12 @@ the step moves its data as fast as the memory allows; the head is memory-bound, 
 hands the head): the dense layer then multiplies in bf16, the sparse head reads bf16 inputs and writes fp32 logits.
 ``triton-transposed`` is ``impl="triton"`` with the input gradient from the transposed structure instead of atomics.
 ``groupedG`` (``grouped8``, ``grouped16``, ...) is :class:`xmc_dst.grouped.GroupedFanInLinear` with groups of ``G``
-labels sharing their fan-in (labels in shuffled groups, as clusters place them). A ``+bf16-sgd`` or ``+bf16-adamw``
-suffix stores the layer's weights in bf16 and steps them with :class:`xmc_dst.optim.GroupwiseOptimizer` (fp32
-arithmetic, stochastic rounding, bf16 momentum / moments); the other rows step with ``torch.optim.Adam``. The output
-gradient has the logits' layout, as the loss hands it back (``torch.randn_like``).
+labels sharing their fan-in, labels in shuffled groups as clusters place them (every group's outputs are rows
+anywhere in the logits); ``groupedG-ordered`` groups consecutive label ids (the control grouping). A ``+bf16-sgd``
+or ``+bf16-adamw`` suffix stores the layer's weights in bf16 and steps them with
+:class:`xmc_dst.optim.GroupwiseOptimizer` (fp32 arithmetic, stochastic rounding, bf16 momentum / moments); the other
+rows step with ``torch.optim.Adam``. The output gradient has the logits' layout, as the loss hands it back
+(``torch.randn_like``).
 
     python benchmarks/head.py                       # the default grid, a Markdown table
     python benchmarks/head.py --json --out-features 670000 --fan-in 32
@@ -39,8 +41,8 @@ import time
 
 DEFAULT_OUT = [31_000, 131_000, 670_000]
 DEFAULT_FAN_IN = [32, 64]
-DEFAULT_IMPLS = ["dense", "kernel", "csr", "grouped8", "grouped16", "grouped32", "grouped16+bf16-sgd",
-                 "grouped16+bf16-adamw", "kernel+bf16-sgd"]
+DEFAULT_IMPLS = ["dense", "kernel", "csr", "grouped8", "grouped16", "grouped32", "grouped16-ordered",
+                 "grouped16+bf16-sgd", "grouped16+bf16-adamw", "kernel+bf16-sgd"]
 AMP_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
@@ -112,8 +114,9 @@ def run_one(impl: str, out_features: int, in_features: int, fan_in: int, batch: 
     elif impl.startswith("grouped"):
         from xmc_dst.grouped import GroupedFanInLinear, group_positions
 
-        size = int(impl.removeprefix("grouped"))
-        shuffled = torch.randperm(out_features, generator=torch.Generator().manual_seed(1))
+        size, _, ordered = impl.removeprefix("grouped").partition("-")
+        size = int(size)
+        shuffled = None if ordered else torch.randperm(out_features, generator=torch.Generator().manual_seed(1))
         layer = GroupedFanInLinear(in_features, out_features, fan_in, size, generator=generator,
                                    label_position=group_positions(out_features, size, shuffled)).to(device)
     else:
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps after one warm-up step")
     parser.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS,
                         help="dense and any of the sparse impls: auto kernel csr embedding_bag triton "
-                             "triton-transposed groupedG (e.g. grouped16), each optionally +bf16-sgd or +bf16-adamw")
+                             "triton-transposed groupedG[-ordered] (e.g. grouped16), each optionally +bf16-sgd or "
+                             "+bf16-adamw")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
