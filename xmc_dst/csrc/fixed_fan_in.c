@@ -24,6 +24,19 @@
 typedef float vf32 __attribute__((vector_size(VEC_BYTES), aligned(4), may_alias));
 typedef double vf64 __attribute__((vector_size(VEC_BYTES), aligned(8), may_alias));
 
+/* A 64-byte store past the cache (no read for ownership) where AVX-512 has one; a plain store elsewhere. ``p`` must be
+ * 64-byte aligned. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline void stream_f32(float *p, vf32 v) { _mm512_stream_ps(p, (__m512)v); }
+static inline void stream_f64(double *p, vf64 v) { _mm512_stream_pd(p, (__m512d)v); }
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+static inline void stream_f32(float *p, vf32 v) { *(vf32 *)p = v; }
+static inline void stream_f64(double *p, vf64 v) { *(vf64 *)p = v; }
+static inline void stream_fence(void) {}
+#endif
+
 /* Horizontal sums as a shuffle tree (a lane-by-lane loop costs more than the dot product it finishes). */
 typedef float vf32x8 __attribute__((vector_size(32)));
 typedef float vf32x4 __attribute__((vector_size(16)));
@@ -194,6 +207,8 @@ DEFINE_KERNELS(double, f64)
  * and summing the labels' weighted gradient rows into the row's input gradient (per-thread [in, B] scratch).
  */
 #define GROUP_ROWS 4
+/* Output-gradient elements a backward thread gathers at a time (1 MB of fp32: stays in L2). */
+#define GATHER_ELEMENTS (1 << 18)
 
 /* 16 fp32 dot products at once: the 16 vector partial sums s[0..15] reduced into one vector whose lane j is the sum
  * of s[j]'s lanes, by four levels of pairwise shuffles (45 operations instead of 16 separate horizontal sums). */
@@ -258,7 +273,9 @@ static inline void group_dots_f64(const double *restrict g, const double *restri
 #define DEFINE_GROUPED_KERNELS(T, SUFFIX)                                                                             \
 void ffi_grouped_forward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const int32_t *order, const T *bias,\
                                   T *out, int64_t NG, int64_t G, int64_t K, int64_t B, int nthreads) {               \
-    _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                             \
+    _Pragma("omp parallel num_threads(nthreads)")                                                                    \
+    {                                                                                                                 \
+    _Pragma("omp for schedule(static)")                                                                              \
     for (int64_t g = 0; g < NG; ++g) {                                                                               \
         const int32_t *ix = idx + g * K;                                                                              \
         for (int64_t r0 = 0; r0 < G; r0 += GROUP_ROWS) {                                                              \
@@ -294,10 +311,21 @@ void ffi_grouped_forward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, c
                     if (label < 0) continue;                                                                          \
                     T *o = out + (int64_t)label * B + b0;                                                             \
                     const T bv = bias ? bias[label] : (T)0;                                                           \
-                    for (int64_t bb = 0; bb < nb; ++bb) o[bb] = acc[t][bb] + bv;                                      \
+                    if (nb == BATCH_TILE && ((uintptr_t)o % VEC_BYTES) == 0) {                                        \
+                        /* a row of the output is written once: stream it past the cache (no read for ownership \
+                         * of a line that may be anywhere in memory) */                                               \
+                        for (int v = 0; v < NVEC_##SUFFIX; ++v) {                                                     \
+                            v##SUFFIX val = *(const v##SUFFIX *)(acc[t] + v * LANES_##SUFFIX) + bv;                   \
+                            stream_##SUFFIX(o + v * LANES_##SUFFIX, val);                                             \
+                        }                                                                                             \
+                    } else {                                                                                          \
+                        for (int64_t bb = 0; bb < nb; ++bb) o[bb] = acc[t][bb] + bv;                                  \
+                    }                                                                                                 \
                 }                                                                                                     \
             }                                                                                                         \
         }                                                                                                             \
+    }                                                                                                                 \
+    stream_fence();  /* each thread's streamed rows are visible before the region's barrier */                     \
     }                                                                                                                 \
 }                                                                                                                     \
                                                                                                                       \
@@ -312,20 +340,29 @@ void ffi_grouped_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, 
         scratch = (T *)calloc((size_t)nthreads * (size_t)D * (size_t)B, sizeof(T));                                   \
         if (!scratch) { nthreads = 1; memset(gxt, 0, (size_t)D * (size_t)B * sizeof(T)); }                          \
     }                                                                                                                 \
-    T *zeros = (T *)calloc((size_t)B, sizeof(T));                                                                     \
     _Pragma("omp parallel num_threads(nthreads)")                                                                    \
     {                                                                                                                 \
         int tid = omp_get_thread_num();                                                                               \
         T *my = gxt ? (scratch ? scratch + (size_t)tid * D * B : gxt) : NULL;                                         \
         const T **rows = (const T **)malloc((size_t)G * sizeof(T *));                                                 \
+        /* The output-gradient rows of a block of groups are copied together first: the labels sit anywhere in gt, \
+         * and a loop of independent row copies keeps many cache misses in flight, which the arithmetic between    \
+         * one group's reads would not. */                                                                        \
+        int64_t block = GATHER_ELEMENTS / (G * B) > 0 ? GATHER_ELEMENTS / (G * B) : 1;                                \
+        T *gathered = (T *)malloc((size_t)block * G * B * sizeof(T));                                                 \
+        int64_t nblocks = (NG + block - 1) / block;                                                                   \
         _Pragma("omp for schedule(static)")                                                                          \
-        for (int64_t g = 0; g < NG; ++g) {                                                                           \
+        for (int64_t blk = 0; blk < nblocks; ++blk) {                                                                \
+          int64_t g0 = blk * block, g1 = g0 + block < NG ? g0 + block : NG;                                           \
+          for (int64_t s = g0 * G; s < g1 * G; ++s) {                                                                 \
+              T *dst = gathered + (s - g0 * G) * B;                                                                   \
+              if (order[s] < 0) memset(dst, 0, (size_t)B * sizeof(T));                                                \
+              else memcpy(dst, gt + (int64_t)order[s] * B, (size_t)B * sizeof(T));                                    \
+          }                                                                                                           \
+          for (int64_t g = g0; g < g1; ++g) {                                                                         \
             const int32_t *ix = idx + g * K;                                                                          \
             const T *wg = w + g * G * K;                                                                              \
-            for (int64_t r = 0; r < G; ++r) {                                                                         \
-                int32_t label = order[g * G + r];                                                                     \
-                rows[r] = label < 0 ? zeros : gt + (int64_t)label * B;                                                \
-            }                                                                                                         \
+            for (int64_t r = 0; r < G; ++r) rows[r] = gathered + ((g - g0) * G + r) * B;                              \
             for (int64_t b0 = 0; b0 < B; b0 += BATCH_TILE) {                                                          \
                 int64_t nb = B - b0 < BATCH_TILE ? B - b0 : BATCH_TILE;                                               \
                 for (int64_t r = 0; gb && r < G; ++r) {                                                               \
@@ -373,10 +410,11 @@ void ffi_grouped_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, 
                     }                                                                                                 \
                 }                                                                                                     \
             }                                                                                                         \
+          }                                                                                                           \
         }                                                                                                             \
         free(rows);                                                                                                   \
+        free(gathered);                                                                                               \
     }                                                                                                                 \
-    free(zeros);                                                                                                      \
     if (gxt && scratch) {                                                                                             \
         int64_t n = D * B;                                                                                            \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                         \
