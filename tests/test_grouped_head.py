@@ -42,7 +42,8 @@ def test_head_is_the_grouped_layer_with_its_settings(tmp_path):
         GroupedFanInHead(12, 10, fan_in=4, state_dtype="int8")
 
 
-def test_cli_trains_grouped_bf16_head_grouped_by_clusters_and_rewired(tiny_data, tiny_encoder_dir, tmp_path):
+@pytest.mark.parametrize("regrow", ["random", "gradient"])
+def test_cli_trains_grouped_bf16_head_grouped_by_clusters_and_rewired(regrow, tiny_data, tiny_encoder_dir, tmp_path):
     from xmc_dst.cli import cli
 
     args = grouped_args(tiny_data, tiny_encoder_dir, tmp_path,
@@ -52,6 +53,7 @@ def test_cli_trains_grouped_bf16_head_grouped_by_clusters_and_rewired(tiny_data,
                         "--trainer.callbacks+=callbacks.DynamicSparseTraining",
                         "--trainer.callbacks.interval", "2", "--trainer.callbacks.end", "1.0",
                         "--trainer.callbacks.prune", "fraction", "--trainer.callbacks.seed", "0",
+                        "--trainer.callbacks.regrow", regrow,
                         "--trainer.max_steps", "6", "--trainer.limit_val_batches", "1")
     run = cli(["fit", *args])
     model, data = run.model, run.datamodule
