@@ -40,8 +40,9 @@ __all__ = ["GroupwiseOptimizer", "cosine_decay", "drop_parameters", "schedule_la
            "stochastic_round", "NO_DECAY_KEYS", "STATE_DTYPES"]
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Elements of a bf16 parameter updated at a time: bounds the fp32 temporaries of its step (2**20: 4 MB each).
-LOW_PRECISION_CHUNK = 1 << 20
+# Elements of a bf16 parameter updated at a time: bounds the fp32 temporaries of its step (2**22: 16 MB each) while
+# keeping the number of elementwise kernels per step small (each one is a fork/join of the intra-op threads).
+LOW_PRECISION_CHUNK = 1 << 22
 # Bytes per element of the temporaries of one chunk of that step: fp32 value, gradient, up to two moments, the int32
 # rounding noise and bit pattern, the rounded bf16 result.
 LOW_PRECISION_TEMPORARY_BYTES = 4 * 6 + 2
