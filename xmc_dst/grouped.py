@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from xmc_dst.kernels import load_kernels
+from xmc_dst.kernels import advise_huge_pages, load_kernels
 from xmc_dst.sparse import (
     INDEX_DTYPE,
     RegrowthCandidates,
@@ -159,6 +159,7 @@ class _GroupedKernel(torch.autograd.Function):
         w = weight.to(x.dtype).contiguous()
         groups, size, fan_in = w.shape
         out_t = torch.empty(position.numel(), xt.shape[1], dtype=x.dtype)
+        advise_huge_pages(out_t)
         b = bias.to(x.dtype).contiguous() if bias is not None else None
         getattr(lib, f"ffi_grouped_forward_{suffix}")(
             xt.data_ptr(), w.data_ptr(), indices.data_ptr(), order.data_ptr(), _ptr(b), out_t.data_ptr(),
@@ -177,6 +178,8 @@ class _GroupedKernel(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_w = torch.empty_like(w) if want_w else None
+        if grad_w is not None:
+            advise_huge_pages(grad_w)
         grad_xt = torch.empty_like(xt) if want_x else None
         grad_b = torch.empty(grad_t.shape[0], dtype=xt.dtype) if want_b else None
         if want_x or want_w or want_b:
