@@ -103,15 +103,22 @@ def test_fp32_matches_the_oracle_in_every_kernel_path(impl, batch) -> None:
 
 
 @pytest.mark.parametrize("impl", impls)
-def test_bf16_weights_compute_in_fp32_and_get_bf16_gradients(impl) -> None:
+@pytest.mark.parametrize("batch", [6, 64])
+def test_bf16_weights_compute_in_fp32_and_get_bf16_gradients(impl, batch) -> None:
     lay = layer(impl=impl, dtype=torch.bfloat16)
-    x = torch.randn(6, 30)
+    x = torch.randn(batch, 30)
     y = lay(x)
     assert y.dtype == torch.float32
     weights, inputs = per_label(lay)
     torch.testing.assert_close(y, oracle(x, weights.float(), inputs, lay.bias.float()), atol=1e-5, rtol=1e-5)
-    y.sum().backward()
+    grad = torch.randn_like(y)
+    y.backward(grad)
     assert lay.weight.grad.dtype == torch.bfloat16
+    x_ref = x.clone().requires_grad_()
+    w_ref = lay.weight.detach().float().requires_grad_()  # the bf16 values, exactly, in fp32
+    ref_weights, _ = per_label(lay, w_ref)
+    oracle(x_ref, ref_weights, inputs, lay.bias.detach().float()).backward(grad)
+    torch.testing.assert_close(lay.weight.grad, w_ref.grad.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
 
 
 def test_dense_weight_is_the_per_label_layer() -> None:

@@ -156,13 +156,13 @@ class _GroupedKernel(torch.autograd.Function):
         lib = load_kernels()
         suffix = "f64" if x.dtype == torch.float64 else "f32"
         xt = x.t().contiguous()
-        w = weight.to(x.dtype).contiguous()
+        w, w_bf16 = _kernel_weights(weight, x.dtype)
         groups, size, fan_in = w.shape
         out_t = torch.empty(position.numel(), xt.shape[1], dtype=x.dtype)
         advise_huge_pages(out_t)
         b = bias.to(x.dtype).contiguous() if bias is not None else None
         getattr(lib, f"ffi_grouped_forward_{suffix}")(
-            xt.data_ptr(), w.data_ptr(), indices.data_ptr(), order.data_ptr(), _ptr(b), out_t.data_ptr(),
+            xt.data_ptr(), w.data_ptr(), w_bf16, indices.data_ptr(), order.data_ptr(), _ptr(b), out_t.data_ptr(),
             groups, size, fan_in, xt.shape[1], _num_threads())
         ctx.save_for_backward(xt, weight, indices, order)
         ctx.has_bias = bias is not None
@@ -174,10 +174,10 @@ class _GroupedKernel(torch.autograd.Function):
         lib = load_kernels()
         suffix = "f64" if xt.dtype == torch.float64 else "f32"
         grad_t = grad_out.to(xt.dtype).t().contiguous()
-        w = weight.to(xt.dtype).contiguous()
+        w, w_bf16 = _kernel_weights(weight, xt.dtype)
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
-        grad_w = torch.empty_like(w) if want_w else None
+        grad_w = torch.empty(w.shape, dtype=xt.dtype) if want_w else None
         if grad_w is not None:
             advise_huge_pages(grad_w)
         grad_xt = torch.empty_like(xt) if want_x else None
@@ -185,10 +185,18 @@ class _GroupedKernel(torch.autograd.Function):
         if want_x or want_w or want_b:
             groups, size, fan_in = w.shape
             getattr(lib, f"ffi_grouped_backward_{suffix}")(
-                xt.data_ptr(), w.data_ptr(), indices.data_ptr(), order.data_ptr(), grad_t.data_ptr(),
+                xt.data_ptr(), w.data_ptr(), w_bf16, indices.data_ptr(), order.data_ptr(), grad_t.data_ptr(),
                 _ptr(grad_w), _ptr(grad_xt), _ptr(grad_b), groups, size, fan_in, xt.shape[0], xt.shape[1],
                 _num_threads())
         return grad_xt.t() if want_x else None, grad_w, grad_b, None, None, None
+
+
+def _kernel_weights(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """The weights the kernels read and whether they are bf16: fp32 kernels widen a group's bf16 block as they reach
+    it (no fp32 copy of all weights per pass); anything else is converted to the compute dtype."""
+    if weight.dtype == torch.bfloat16 and dtype == torch.float32:
+        return weight.detach().contiguous(), 1
+    return weight.detach().to(dtype).contiguous(), 0
 
 
 class GroupedFanInLinear(nn.Module):

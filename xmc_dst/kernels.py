@@ -71,10 +71,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd.restype = None
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"ffi_grouped_forward_{suffix}")
-        fwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int]
+        fwd.argtypes = [p, p, c_int, p, p, p, p, i64, i64, i64, i64, c_int]
         fwd.restype = None
         bwd = getattr(lib, f"ffi_grouped_backward_{suffix}")
-        bwd.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, c_int]
+        bwd.argtypes = [p, p, c_int, p, p, p, p, p, p, i64, i64, i64, i64, i64, c_int]
         bwd.restype = None
     lib.ffi_regrow.argtypes = [p, p, i64, i64, i64, ctypes.c_uint64, c_int, p, p, c_int]
     lib.ffi_regrow.restype = c_int

@@ -207,6 +207,20 @@ DEFINE_KERNELS(double, f64)
  * and summing the labels' weighted gradient rows into the row's input gradient (per-thread [in, B] scratch).
  */
 #define GROUP_ROWS 4
+/* The weights of one group as T: the stored block itself, or (w_bf16, fp32 kernels only) the bf16 block widened into
+ * the thread's buffer (bf16 is the top half of an fp32). */
+static inline const float *group_weights_f32(const void *w, int w_bf16, int64_t g, int64_t n, float *buf) {
+    if (!w_bf16) return (const float *)w + g * n;
+    const uint16_t *src = (const uint16_t *)w + g * n;
+    uint32_t *dst = (uint32_t *)buf;
+    for (int64_t e = 0; e < n; ++e) dst[e] = (uint32_t)src[e] << 16;
+    return buf;
+}
+static inline const double *group_weights_f64(const void *w, int w_bf16, int64_t g, int64_t n, double *buf) {
+    (void)w_bf16; (void)buf;
+    return (const double *)w + g * n;
+}
+
 /* Output-gradient elements a backward thread gathers at a time (1 MB of fp32: stays in L2). */
 #define GATHER_ELEMENTS (1 << 18)
 
@@ -271,16 +285,18 @@ static inline void group_dots_f64(const double *restrict g, const double *restri
 }
 
 #define DEFINE_GROUPED_KERNELS(T, SUFFIX)                                                                             \
-void ffi_grouped_forward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const int32_t *order, const T *bias,\
-                                  T *out, int64_t NG, int64_t G, int64_t K, int64_t B, int nthreads) {               \
+void ffi_grouped_forward_##SUFFIX(const T *xt, const void *w, int w_bf16, const int32_t *idx, const int32_t *order,\
+                                  const T *bias, T *out, int64_t NG, int64_t G, int64_t K, int64_t B, int nthreads) {\
     _Pragma("omp parallel num_threads(nthreads)")                                                                    \
     {                                                                                                                 \
+    T *wbuf = w_bf16 ? (T *)malloc((size_t)G * K * sizeof(T)) : NULL;                                                \
     _Pragma("omp for schedule(static)")                                                                              \
     for (int64_t g = 0; g < NG; ++g) {                                                                               \
         const int32_t *ix = idx + g * K;                                                                              \
+        const T *wg = group_weights_##SUFFIX(w, w_bf16, g, G * K, wbuf);                                              \
         for (int64_t r0 = 0; r0 < G; r0 += GROUP_ROWS) {                                                              \
             int64_t nr = G - r0 < GROUP_ROWS ? G - r0 : GROUP_ROWS;                                                   \
-            const T *wr = w + (g * G + r0) * K;                                                                       \
+            const T *wr = wg + r0 * K;                                                                                \
             for (int64_t b0 = 0; b0 < B; b0 += BATCH_TILE) {                                                          \
                 int64_t nb = B - b0 < BATCH_TILE ? B - b0 : BATCH_TILE;                                               \
                 T acc[GROUP_ROWS][BATCH_TILE];                                                                        \
@@ -326,15 +342,16 @@ void ffi_grouped_forward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, c
         }                                                                                                             \
     }                                                                                                                 \
     stream_fence();  /* each thread's streamed rows are visible before the region's barrier */                     \
+    free(wbuf);                                                                                                       \
     }                                                                                                                 \
 }                                                                                                                     \
                                                                                                                       \
 /* gw[g, r, j] = <g_t[order[g, r]], xt[idx[g, j]]> (when gw is not NULL); gxt[i] = sum over (g, j) with idx[g, j] = i \
  * of sum_r w[g, r, j] * g_t[order[g, r]] (when gxt is not NULL); gb[l] = sum_b g_t[l, b] (when gb is not NULL).      \
  * Padding slots get zero weight gradients. */                                                                        \
-void ffi_grouped_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const int32_t *order, const T *gt,  \
-                                   T *gw, T *gxt, T *gb, int64_t NG, int64_t G, int64_t K, int64_t D, int64_t B,   \
-                                   int nthreads) {                                                                    \
+void ffi_grouped_backward_##SUFFIX(const T *xt, const void *w, int w_bf16, const int32_t *idx, const int32_t *order,\
+                                   const T *gt, T *gw, T *gxt, T *gb, int64_t NG, int64_t G, int64_t K, int64_t D,  \
+                                   int64_t B, int nthreads) {                                                         \
     T *scratch = NULL;                                                                                                \
     if (gxt) {                                                                                                        \
         scratch = (T *)calloc((size_t)nthreads * (size_t)D * (size_t)B, sizeof(T));                                   \
@@ -350,6 +367,7 @@ void ffi_grouped_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, 
          * one group's reads would not. */                                                                        \
         int64_t block = GATHER_ELEMENTS / (G * B) > 0 ? GATHER_ELEMENTS / (G * B) : 1;                                \
         T *gathered = (T *)malloc((size_t)block * G * B * sizeof(T));                                                 \
+        T *wbuf = w_bf16 ? (T *)malloc((size_t)G * K * sizeof(T)) : NULL;                                             \
         int64_t nblocks = (NG + block - 1) / block;                                                                   \
         _Pragma("omp for schedule(static)")                                                                          \
         for (int64_t blk = 0; blk < nblocks; ++blk) {                                                                \
@@ -361,7 +379,7 @@ void ffi_grouped_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, 
           }                                                                                                           \
           for (int64_t g = g0; g < g1; ++g) {                                                                         \
             const int32_t *ix = idx + g * K;                                                                          \
-            const T *wg = w + g * G * K;                                                                              \
+            const T *wg = my ? group_weights_##SUFFIX(w, w_bf16, g, G * K, wbuf) : NULL;                              \
             for (int64_t r = 0; r < G; ++r) rows[r] = gathered + ((g - g0) * G + r) * B;                              \
             for (int64_t b0 = 0; b0 < B; b0 += BATCH_TILE) {                                                          \
                 int64_t nb = B - b0 < BATCH_TILE ? B - b0 : BATCH_TILE;                                               \
@@ -414,6 +432,7 @@ void ffi_grouped_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, 
         }                                                                                                             \
         free(rows);                                                                                                   \
         free(gathered);                                                                                               \
+        free(wbuf);                                                                                                   \
     }                                                                                                                 \
     if (gxt && scratch) {                                                                                             \
         int64_t n = D * B;                                                                                            \
