@@ -12,6 +12,13 @@ the step moves its data as fast as the memory allows; the head is memory-bound, 
 ``--precision bf16-mixed`` runs the forward under ``torch.autocast`` with a bf16 input (what a bf16-mixed encoder
 hands the head): the dense layer then multiplies in bf16, the sparse head reads bf16 inputs and writes fp32 logits.
 ``triton-transposed`` is ``impl="triton"`` with the input gradient from the transposed structure instead of atomics.
+``groupedG`` (``grouped8``, ``grouped16``, ...) is :class:`xmc_dst.grouped.GroupedFanInLinear` with groups of ``G``
+labels sharing their fan-in, labels in shuffled groups as clusters place them (every group's outputs are rows
+anywhere in the logits); ``groupedG-ordered`` groups consecutive label ids (the control grouping). A ``+bf16-sgd``
+or ``+bf16-adamw`` suffix stores the layer's weights in bf16 and steps them with
+:class:`xmc_dst.optim.GroupwiseOptimizer` (fp32 arithmetic, stochastic rounding, bf16 momentum / moments); the other
+rows step with ``torch.optim.Adam``. The output gradient has the logits' layout, as the loss hands it back
+(``torch.randn_like``).
 
     python benchmarks/head.py                       # the default grid, a Markdown table
     python benchmarks/head.py --json --out-features 670000 --fan-in 32
@@ -34,7 +41,8 @@ import time
 
 DEFAULT_OUT = [31_000, 131_000, 670_000]
 DEFAULT_FAN_IN = [32, 64]
-DEFAULT_IMPLS = ["dense", "kernel", "csr"]
+DEFAULT_IMPLS = ["dense", "kernel", "csr", "grouped8", "grouped16", "grouped32", "grouped16-ordered",
+                 "grouped16+bf16-sgd", "grouped16+bf16-adamw", "kernel+bf16-sgd"]
 AMP_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
@@ -46,19 +54,20 @@ def _sync(device: str) -> None:
 
 
 def step_bytes(dense: bool, out_features: int, in_features: int, fan_in: int, batch: int, x_bytes: int,
-               logit_bytes: int, compute_bytes: int) -> int:
+               logit_bytes: int, compute_bytes: int, group_size: int = 1, weight_bytes: int = 4) -> int:
     """The bytes one forward+backward of the head must move at least (fp32 parameters, int32 indices).
 
     Both layers: the input read twice (forward, weight gradient) and its gradient written (``3 * B * in``), the
     logits written and their gradient read (``2 * B * L``), the bias read and its gradient written (``2 * L``).
     Fixed fan-in: indices read twice (forward, backward) and weights twice (forward, input gradient), the weight
-    gradient written: ``L * k * (2 * 4 + 3 * 4)``. Dense: the weight read twice in the compute dtype (forward, input
-    gradient) and its gradient written in fp32; under autocast also the fp32 weight read and its compute-dtype copy
-    written once per step (``L * in * (4 + 2)``).
+    gradient written: ``L * k * (2 * 4 + 3 * 4)``; with index rows shared by groups of ``G`` labels and weights of
+    ``weight_bytes``, ``L * k * (2 * 4 / G + 3 * weight_bytes)``. Dense: the weight read twice in the compute dtype
+    (forward, input gradient) and its gradient written in fp32; under autocast also the fp32 weight read and its
+    compute-dtype copy written once per step (``L * in * (4 + 2)``).
     """
     shared = 3 * batch * in_features * x_bytes + 2 * batch * out_features * logit_bytes + 2 * out_features * 4
     if not dense:
-        return shared + out_features * fan_in * (2 * 4 + 3 * 4)
+        return shared + out_features * fan_in * (2 * 4 // group_size + 3 * weight_bytes)
     cast = out_features * in_features * (4 + compute_bytes) if compute_bytes != 4 else 0
     return shared + out_features * in_features * (2 * compute_bytes + 4) + cast
 
@@ -98,16 +107,32 @@ def run_one(impl: str, out_features: int, in_features: int, fan_in: int, batch: 
 
         impl, input_grad = "triton", "transposed"
         triton_fan_in.INPUT_GRAD = input_grad
+    impl, _, rounding = impl.partition("+")
+    generator = torch.Generator(device="cpu").manual_seed(0)
     if impl == "dense":
         layer = torch.nn.Linear(in_features, out_features, device=device)
+    elif impl.startswith("grouped"):
+        from xmc_dst.grouped import GroupedFanInLinear, group_positions
+
+        size, _, ordered = impl.removeprefix("grouped").partition("-")
+        size = int(size)
+        shuffled = None if ordered else torch.randperm(out_features, generator=torch.Generator().manual_seed(1))
+        layer = GroupedFanInLinear(in_features, out_features, fan_in, size, generator=generator,
+                                   label_position=group_positions(out_features, size, shuffled)).to(device)
     else:
-        layer = FixedFanInLinear(in_features, out_features, fan_in, impl=impl,
-                                 generator=torch.Generator(device="cpu").manual_seed(0)).to(device)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+        layer = FixedFanInLinear(in_features, out_features, fan_in, impl=impl, generator=generator).to(device)
+    if rounding:
+        from xmc_dst.optim import GroupwiseOptimizer
+
+        algorithm = rounding.removeprefix("bf16-")
+        layer.to(torch.bfloat16)
+        optimizer = GroupwiseOptimizer(layer.parameters(), algorithm=algorithm, lr=1e-3, state_dtype="bfloat16")
+    else:
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
     amp_dtype = getattr(torch, AMP_DTYPES[precision]) if precision in AMP_DTYPES else None
     x = torch.randn(batch, in_features, device=device, dtype=amp_dtype or torch.float32, requires_grad=True)
     grad = None
-    times = []
+    times, step_times = [], []
     for step in range(repeats + 1):  # the first step warms up (and creates the Adam states)
         optimizer.zero_grad(set_to_none=False)
         x.grad = None
@@ -116,15 +141,20 @@ def run_one(impl: str, out_features: int, in_features: int, fan_in: int, batch: 
         with torch.autocast(device_type=device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             y = layer(x)
         if grad is None:
-            grad = torch.randn(y.shape, device=device, dtype=y.dtype)
+            grad = torch.randn_like(y)
         y.backward(grad)
         _sync(device)
         if step:
             times.append(time.perf_counter() - start)
+        start = time.perf_counter()
         optimizer.step()
+        _sync(device)
+        if step:
+            step_times.append(time.perf_counter() - start)
     fwd_bwd = statistics.median(times)
     moved = step_bytes(impl == "dense", out_features, in_features, fan_in, batch, x.element_size(),
-                       grad.element_size(), 2 if amp_dtype is not None else 4)
+                       grad.element_size(), 2 if amp_dtype is not None else 4,
+                       group_size=getattr(layer, "group_size", 1), weight_bytes=layer.weight.element_size())
     rewire_times, reset_times = [], []
     if impl != "dense":
         generator = torch.Generator().manual_seed(1)  # a CPU stream, as the DST callback passes
@@ -144,8 +174,10 @@ def run_one(impl: str, out_features: int, in_features: int, fan_in: int, batch: 
                       if torch.is_tensor(v) and v.dim() > 0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     name = impl if impl == "dense" else f"sparse-{layer.resolved_impl()}"
+    if impl.startswith("grouped"):
+        name = f"{impl}-{layer.resolved_impl()}"
     return {
-        "impl": name + (f"-{input_grad}" if input_grad else ""),
+        "impl": name + (f"-{input_grad}" if input_grad else "") + (f"+{rounding}" if rounding else ""),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "precision": precision,
@@ -154,10 +186,11 @@ def run_one(impl: str, out_features: int, in_features: int, fan_in: int, batch: 
         "fan_in": None if impl == "dense" else fan_in,
         "batch": batch,
         "fwd_bwd_ms": round(fwd_bwd * 1000, 3),
+        "optimizer_step_ms": round(statistics.median(step_times) * 1000, 1),
         "step_bytes": moved,
         "rewire_ms": round(statistics.median(rewire_times) * 1000, 1) if rewire_times else None,
         "state_reset_ms": round(statistics.median(reset_times) * 1000, 1) if reset_times else None,
-        # parameters + their gradients + Adam states + index buffers
+        # parameters + their gradients + optimizer states + index buffers
         "static_train_bytes": 2 * param_bytes + state_bytes + buffer_bytes,
         "peak_rss_bytes": peak,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
@@ -196,12 +229,12 @@ def run_isolated(timeout: float = 600, **kwargs) -> dict:
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table; "peak MB" is the peak CUDA allocation on a GPU, else the peak RSS."""
     dense = {(r["out_features"], r["batch"]): r for r in rows if r["impl"] == "dense" and "error" not in r}
-    lines = ["| impl | labels | fan-in | batch | fwd+bwd ms | roofline | vs dense | rewire 30% ms | static train MB | "
-             "vs dense | peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| impl | labels | fan-in | batch | fwd+bwd ms | roofline | vs dense | optimizer step ms | "
+             "rewire 30% ms | static train MB | vs dense | peak MB |", "|---|" + "---:|" * 11]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['out_features']:,} | {r['fan_in']} | {r['batch']} | "
-                         f"error: {r['error'][:160]} |||||||")
+                         f"error: {r['error'][:160]} ||||||||")
             continue
         d = dense.get((r["out_features"], r["batch"]))
         speed = f"{d['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x" if d and r["impl"] != "dense" else ""
@@ -209,7 +242,8 @@ def markdown(rows: list[dict]) -> str:
         roofline = f"{100 * r['roofline_fraction']:.0f}%" if r.get("roofline_fraction") is not None else "-"
         lines.append(
             f"| {r['impl']} | {r['out_features']:,} | {r['fan_in'] or '-'} | {r['batch']} | {r['fwd_bwd_ms']:.2f} | "
-            f"{roofline} | {speed} | {r['rewire_ms'] if r['rewire_ms'] is not None else '-'} | "
+            f"{roofline} | {speed} | {r.get('optimizer_step_ms', '-')} | "
+            f"{r['rewire_ms'] if r['rewire_ms'] is not None else '-'} | "
             f"{r['static_train_bytes'] / 1e6:,.0f} | {mem} | "
             f"{(r['peak_cuda_bytes'] or r['peak_rss_bytes']) / 1e6:,.0f} |")
     return "\n".join(lines)
@@ -226,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps after one warm-up step")
     parser.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS,
                         help="dense and any of the sparse impls: auto kernel csr embedding_bag triton "
-                             "triton-transposed")
+                             "triton-transposed groupedG[-ordered] (e.g. grouped16), each optionally +bf16-sgd or "
+                             "+bf16-adamw")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")

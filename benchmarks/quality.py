@@ -66,6 +66,15 @@ METRICS = ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")
 
 DST = "callbacks.DynamicSparseTraining"
 AUX = "callbacks.AuxiliaryObjective"
+GROUPING = "callbacks.LabelGrouping"
+GROUP_SIZES = (8, 16, 32)
+BF16_SR = {"model.head.init_args.weight_dtype": "bfloat16", "model.head.init_args.state_dtype": "bfloat16"}
+
+
+def grouped(size: int) -> dict[str, Any]:
+    """The shipped sparse head as a grouped one (groups of ``size`` labels by clusters of the training data)."""
+    return {"model.head.class_path": "xmc_dst.heads.GroupedFanInHead", "model.head.init_args.group_size": size,
+            "model.head.init_args.impl": None, f"callbacks.{GROUPING}": {}}
 
 RELU_1024 = {"model.intermediate_dim": 1024, "model.intermediate_activation": "relu"}
 DEBIAN_FILES = {"data.class_path": "datamodules.DebianFiles"}  # the same recipe, the other shipped raw-text set
@@ -110,6 +119,9 @@ def variants(dataset: str) -> dict[str, dict[str, Any]]:
                        f"callbacks.{AUX}": {"alpha": 0.4, "cutoff_epoch": spec["aux_cutoff"]}},
         "gradient": {f"callbacks.{DST}.regrow": "gradient"},
         "frozen-topology": {f"callbacks.{DST}": None},
+        **{f"grouped-g{size}": grouped(size) for size in GROUP_SIZES},
+        "bf16-sr": dict(BF16_SR),  # bf16 weights and state, stochastic rounding (the head's own optimizer)
+        "grouped-g16+bf16-sr": {**grouped(16), **BF16_SR},
         **spec["extra"],
     }
     out[spec["default"]] = {}  # the shipped config as it is

@@ -11,6 +11,7 @@ yaml: ``trainer.callbacks: [{class_path: callbacks.DynamicSparseTraining, ...}]`
 from callbacks.auxiliary import AuxiliaryModule, AuxiliaryObjective
 from callbacks.budget import TrainingBudget
 from callbacks.dst import DynamicSparseTraining
+from callbacks.grouping import LabelGrouping
 from callbacks.guard import FiniteLossGuard, NonFiniteLossError
 from callbacks.memory import MemoryProfiler
 from callbacks.oom import OutOfMemoryAdvice, OutOfMemoryAdvisor
@@ -21,6 +22,7 @@ __all__ = [
     "AuxiliaryObjective",
     "DynamicSparseTraining",
     "FiniteLossGuard",
+    "LabelGrouping",
     "LastCheckpoint",
     "MemoryProfiler",
     "NonFiniteLossError",

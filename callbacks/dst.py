@@ -363,7 +363,8 @@ class DynamicSparseTraining(L.Callback):
         sums = []
         for _, layer in self.layers:  # per-row sums weighted by the row number: O(rows) temporaries
             rows = torch.arange(1, layer.indices.shape[0] + 1, device=layer.indices.device, dtype=torch.float64)
-            idx_rows, w_rows = layer.indices.double().sum(1), layer.weight.detach().double().sum(1)
+            idx_rows = layer.indices.double().sum(1)
+            w_rows = layer.weight.detach().double().reshape(layer.indices.shape[0], -1).sum(1)  # a row's weights
             sums += [idx_rows.sum(), (idx_rows * rows).sum(), (w_rows * rows).sum()]
         local = torch.stack(sums)
         gathered = trainer.strategy.all_gather(local)

@@ -37,24 +37,36 @@ def bow_batches(num_features: int, num_labels: int, count: int = 4, batch: int =
     return out
 
 
-@pytest.mark.parametrize("head", ["sparse", "dense"])
+GROUPED_BF16 = {"class_path": "xmc_dst.heads.GroupedFanInHead",
+                "init_args": {"fan_in": 8, "group_size": 4, "weight_dtype": "bfloat16", "state_dtype": "bfloat16"}}
+
+
+@pytest.mark.parametrize("head", ["sparse", "dense", "grouped-bf16"])
 def test_estimate_of_the_static_part_matches_the_profiler(head, tmp_path):
     from xmc_dst.encoders import BagOfWordsEncoder
     from xmc_dst.model import XMCModule
 
     encoder = {"class_path": "xmc_dst.encoders.BagOfWordsEncoder", "init_args": {"embedding_dim": 48,
                                                                                   "hidden_dim": 40}}
-    spec = {"class_path": HEADS[head], "init_args": {"optimizer": "sgd", **({"fan_in": 8} if head == "sparse" else {})}}
-    hparams = dict(num_labels=700, num_features=300, head=spec, intermediate_dim=24, aux_clusters=16, warmup_steps=0)
+    if head == "grouped-bf16":
+        spec = {**GROUPED_BF16, "init_args": {**GROUPED_BF16["init_args"], "optimizer": "sgd"}}
+    else:
+        spec = {"class_path": HEADS[head], "init_args": {"optimizer": "sgd", **({"fan_in": 8} if head == "sparse"
+                                                                                 else {})}}
+    hparams = dict(num_labels=701, num_features=300, head=spec, intermediate_dim=24, aux_clusters=16, warmup_steps=0)
     model = XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=48, hidden_dim=40), **hparams)
     profiler = MemoryProfiler(print_table=False)
     aux = AuxiliaryObjective(cutoff_step=100, build_clusters=False)  # the auxiliary head trains (has state)
     L.Trainer(callbacks=[aux, profiler], max_steps=2, default_root_dir=tmp_path, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              ).fit(model, DataLoader(bow_batches(300, 700), batch_size=None))
+              ).fit(model, DataLoader(bow_batches(300, 701), batch_size=None))
     measured = profiler.report["parts"]
     estimate = estimate_memory({"model": {"encoder": encoder, **hparams}}, batch_size=8)
-    parts = estimate.parts[head]
+    parts = estimate.parts["dense" if head == "dense" else "sparse"]
+    if head == "grouped-bf16":  # counted exactly: 176 groups of 4 (3 padding slots), bf16 weights and momentum
+        assert measured["head"]["params"] == parts["head"].params == (176 * 4 * 8 + 701) * 2
+        assert measured["head"]["optimizer"] == parts["head"].optimizer == (176 * 4 * 8 + 701) * 2 + 2 * 5056
+        assert measured["head"]["buffers"] == parts["head"].buffers == 176 * 8 * 4 + (701 + 176 * 4) * 4 + 8
     for name in ("encoder", "intermediate", "aux_head", "head"):
         got = measured[name]["static"] + (measured["other"]["static"] if name == "aux_head" else 0)
         assert parts[name].static == pytest.approx(got, rel=0.15), name

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from xmc_dst.optim import GroupwiseOptimizer, drop_parameters, schedule_lambda, split_no_decay
+from xmc_dst.optim import GroupwiseOptimizer, drop_parameters, schedule_lambda, split_no_decay, stochastic_round
 
 
 def _params(seed: int, shapes=((5, 3), (3,), (4, 2))) -> list[torch.Tensor]:
@@ -141,3 +141,111 @@ def test_drop_parameters_removes_groups_entries_and_state() -> None:
     assert drop_parameters([opt_a, opt_b], gone.parameters()) == 4
     assert [len(g["params"]) for g in opt_a.param_groups] == [2, 0] and opt_b.param_groups[0]["params"] == []
     assert set(map(id, opt_a.state)) == set(map(id, keep.parameters())) and not opt_b.state
+
+
+# ------------------------------------------------------------------------------ bf16 + stochastic rounding
+
+def _neighbours(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and above every fp32 ``value`` (equal where it is representable)."""
+    nearest = value.to(torch.bfloat16)
+    up = torch.nextafter(nearest, torch.full_like(nearest, float("inf")))
+    down = torch.nextafter(nearest, torch.full_like(nearest, float("-inf")))
+    below = torch.where(nearest.float() <= value, nearest, down)
+    above = torch.where(nearest.float() >= value, nearest, up)
+    return below.float(), above.float()
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    value = torch.randn(64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-6, 4, 64)
+    draws = 20_000
+    rounded = stochastic_round(value.repeat(draws, 1), torch.Generator().manual_seed(1)).float()
+    below, above = _neighbours(value)
+    assert bool(((rounded == below) | (rounded == above)).all())
+    # each draw is below or above with p = (v - below) / gap: the mean's standard error is at most gap / (2 sqrt(n));
+    # 6 standard errors leave a false failure probability below 1e-8 per value
+    gap = above - below
+    assert bool(((rounded.mean(0) - value).abs() <= 6 * gap / (2 * draws ** 0.5)).all())
+    nearest = value.to(torch.bfloat16).float()
+    assert not torch.equal(nearest, value)  # the values are not representable: the test can tell the two apart
+
+
+def test_stochastic_rounding_keeps_representable_and_non_finite_values():
+    exact = torch.randn(1000, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).float()
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 3.3895313892515355e38])
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(stochastic_round(exact, g).float(), exact)
+        out = stochastic_round(torch.cat([special, torch.tensor([float("nan")])]), g).float()
+        assert torch.equal(out[:-1], special) and out[-1].isnan()
+    with pytest.raises(TypeError, match="fp32"):
+        stochastic_round(exact.double())
+
+
+def _bf16_rows(rows: int, width: int, seed: int) -> torch.Tensor:
+    """``rows`` identical bf16 rows: every row is an independent copy of one parameter for the expectation tests."""
+    row = torch.randn(width, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    return row.repeat(rows, 1)
+
+
+@pytest.mark.parametrize("algorithm,state_dtype", [("sgd", "float32"), ("sgd", "bfloat16"), ("adamw", "float32")])
+def test_bf16_step_is_the_fp32_step_in_expectation(algorithm, state_dtype):
+    """Updates are affine in the parameter (and, for SGD, in its momentum), so the mean over independent copies
+    rounded stochastically must equal torch's fp32 optimizer on the fp32 copy; torch's optimizer on a bf16 copy
+    (round to nearest every step) ends measurably further away, as updates are below a bf16 ulp."""
+    rows, width, steps = 20_000, 8, 3
+    kwargs = dict(lr=1e-3, weight_decay=0.01) | (dict(momentum=0.9) if algorithm == "sgd" else {})
+    param = nn.Parameter(_bf16_rows(rows, width, 0))
+    reference = nn.Parameter(param.detach()[0].float().clone())
+    nearest = nn.Parameter(param.detach()[0].clone())
+    ours = GroupwiseOptimizer([{"params": [param], "algorithm": algorithm, "state_dtype": state_dtype, **kwargs}])
+    torch_cls = torch.optim.SGD if algorithm == "sgd" else torch.optim.AdamW
+    theirs, rounded_to_nearest = torch_cls([reference], **kwargs), torch_cls([nearest], **kwargs)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        grad = torch.randn(width, generator=g).to(torch.bfloat16)
+        param.grad, reference.grad, nearest.grad = grad.repeat(rows, 1), grad.float(), grad.clone()
+        for optimizer in (ours, theirs, rounded_to_nearest):
+            optimizer.step()
+    expected = reference.detach()
+    below, above = _neighbours(expected)
+    gap = (above - below).clamp(min=torch.finfo(torch.bfloat16).eps * expected.abs())
+    error = (param.detach().float().mean(0) - expected).abs()
+    assert bool((error <= 6 * steps ** 0.5 * gap / (2 * rows ** 0.5)).all())
+    assert (nearest.detach().float() - expected).abs().max() > 10 * error.max()
+    state = ours.state[param]
+    buffers = ("momentum_buffer",) if algorithm == "sgd" else ("exp_avg", "exp_avg_sq")
+    assert all(state[name].dtype == getattr(torch, state_dtype) for name in buffers)
+
+
+def _bf16_training(seed: int, steps: int, optimizer=None, param=None):
+    param = param if param is not None else nn.Parameter(_bf16_rows(4, 50, 3))
+    optimizer = optimizer or GroupwiseOptimizer([{"params": [param], "algorithm": "adamw", "lr": 1e-2,
+                                                  "rounding_seed": seed}])
+    for _ in range(steps):  # the gradient of step t depends on t only
+        g = torch.Generator().manual_seed(100 + int(optimizer.state[param].get("step", 0)))
+        param.grad = torch.randn(param.shape, generator=g).to(torch.bfloat16)
+        optimizer.step()
+    return param, optimizer
+
+
+def test_bf16_rounding_is_deterministic_under_a_seed_and_resumes_bit_exactly():
+    a, _ = _bf16_training(seed=7, steps=6)
+    b, _ = _bf16_training(seed=7, steps=6)
+    c, _ = _bf16_training(seed=8, steps=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    half, optimizer = _bf16_training(seed=7, steps=3)
+    saved = {"param": half.detach().clone(), "optimizer": optimizer.state_dict()}
+    resumed = nn.Parameter(saved["param"])
+    clone = GroupwiseOptimizer([{"params": [resumed], "algorithm": "adamw", "lr": 1e-2, "rounding_seed": 7}])
+    clone.load_state_dict(saved["optimizer"])
+    assert clone.state[resumed]["exp_avg"].dtype == torch.float32  # not cast to the parameter's bf16
+    assert clone.state[resumed]["rounding_state"].dtype == torch.uint8
+    resumed, _ = _bf16_training(seed=7, steps=3, optimizer=clone, param=resumed)
+    assert torch.equal(resumed, a)
+
+
+def test_bad_state_dtype_and_parameter_dtype():
+    with pytest.raises(ValueError, match="state_dtype"):
+        GroupwiseOptimizer([nn.Parameter(torch.zeros(2))], state_dtype="float16")
+    with pytest.raises(TypeError, match="fp32, fp64 or bf16"):
+        GroupwiseOptimizer([nn.Parameter(torch.zeros(2, dtype=torch.float16))])

@@ -37,7 +37,7 @@ from callbacks import (
 )
 from datamodules.base import EpochRandomSampler, ResumableDataLoader
 from xmc_dst.encoders import TransformerEncoder
-from xmc_dst.heads import FixedFanInHead
+from xmc_dst.heads import FixedFanInHead, GroupedFanInHead
 from xmc_dst.model import XMCModule
 
 BATCHES_PER_EPOCH, EPOCHS = 10, 2  # 40 training documents, batch 4: 20 optimizer steps
@@ -86,7 +86,7 @@ class Record(L.Callback):
 
 
 def make_run(data_dir: Path, encoder_dir: Path, root: Path, *extra: L.Callback, random_states: bool = True,
-             loader_position: bool = True):
+             loader_position: bool = True, head=None):
     from datamodules import RawTextXMCDataModule
 
     data = RawTextXMCDataModule(data_dir, tokenizer=str(encoder_dir), max_length=12, batch_size=4,
@@ -95,7 +95,7 @@ def make_run(data_dir: Path, encoder_dir: Path, root: Path, *extra: L.Callback, 
     data.setup("fit")
     model = XMCModule(encoder=functools.partial(TransformerEncoder, pooling="mean", dropout=0.2),
                       num_labels=data.num_labels, tokenizer=str(encoder_dir),
-                      head=functools.partial(FixedFanInHead, fan_in=4, lr=3e-2), intermediate_dim=8,
+                      head=head or functools.partial(FixedFanInHead, fan_in=4, lr=3e-2), intermediate_dim=8,
                       aux_clusters=2, encoder_lr=3e-3, aux_lr=3e-2, warmup_steps=3, loss="bce",
                       loss_reduction="batch_mean")
     dst = DynamicSparseTraining(interval=4, end=1.0, threshold=0.05, seed=None)
@@ -208,6 +208,28 @@ def test_without_random_states_or_loader_position_the_resumed_run_differs(missin
     resumed, *_ = resume(reference, tiny_text, tiny_encoder_dir, tmp_path, **{missing: False})
     with pytest.raises(AssertionError):
         assert_same_training_state(resumed, reference.straight)
+
+
+def test_grouped_bf16_head_with_stochastic_rounding_resumes_bit_identically(tiny_text, tiny_encoder_dir, tmp_path):
+    """The grouped head with bf16 weights, SGD with bf16 momentum and stochastic rounding (the generator state in
+    the optimizer state, fp32/bf16/uint8 state dtypes kept by the load), and its per-group rewiring."""
+    head = functools.partial(GroupedFanInHead, fan_in=4, group_size=2, weight_dtype="bfloat16", optimizer="sgd",
+                             lr=0.3, state_dtype="bfloat16", rounding_seed=3)
+    scramble_global_random_state(7)
+    straight, model, data, _, _ = make_run(tiny_text, tiny_encoder_dir, tmp_path / "straight", head=head)
+    straight.fit(model, datamodule=data)
+    scramble_global_random_state(7)
+    first, model, data, _, _ = make_run(tiny_text, tiny_encoder_dir, tmp_path / "killed", CrashAfter(RESUME_STEP),
+                                        head=head)
+    with pytest.raises(Crash):
+        first.fit(model, datamodule=data)
+    scramble_global_random_state(12345)
+    resumed, model, data, _, _ = make_run(tiny_text, tiny_encoder_dir, tmp_path / "killed", head=head)
+    resumed.fit(model, datamodule=data, ckpt_path="last")
+    assert model.head.weight.dtype == torch.bfloat16 and int(model.head.topology_version) == 4
+    state = resumed.optimizers[0].state[model.head.weight]
+    assert state["momentum_buffer"].dtype == torch.bfloat16 and state["rounding_state"].dtype == torch.uint8
+    assert_same_training_state(resumed, straight)
 
 
 def test_loader_resumes_mid_epoch_and_at_epoch_boundaries():

@@ -12,6 +12,10 @@ depends on the kernels and the allocator and is estimated:
   ``torch._foreach_sqrt(exp_avg_sqs)`` denominator in :class:`xmc_dst.optim.GroupwiseOptimizer`, SGD's
   weight-decayed gradient copy; freed when the group is done), so the largest group sets it: with a dense head
   the head, with a sparse one usually the encoder's weight matrices;
+* a head stored in bf16 (``weight_dtype``) holds 2-byte weights and gradients and ``state_dtype`` moments; its
+  optimizer step works in chunks of :data:`xmc_dst.optim.LOW_PRECISION_CHUNK` elements, so its temporaries are a few
+  MB whatever its size; a grouped head (:class:`xmc_dst.heads.GroupedFanInHead`) holds one int32 index row per group
+  of ``G`` labels (padded to whole groups) and two int32 label maps (label -> slot, slot -> label);
 * dynamic sparse training adds the bit-packed ever-active map (``rows * ceil(in / 64) * 8`` bytes, rows = the
   labels or the tracked sample) and the transient tensors of one rewire (about 22 bytes per connection: masks,
   int64 permutation, moved state).
@@ -45,7 +49,7 @@ from torch import nn
 from xmc_dst.clusters import count_clusters
 from xmc_dst.config_file import read_config
 from xmc_dst.memory import GIB, MIB, PartBytes
-from xmc_dst.optim import split_no_decay
+from xmc_dst.optim import LOW_PRECISION_CHUNK, LOW_PRECISION_TEMPORARY_BYTES, split_no_decay
 from xmc_dst.paths import default_tokenizer
 
 __all__ = ["KNOWN_ENCODERS", "EncoderConfigNotFound", "MemoryEstimate", "encoder_architecture", "estimate_memory",
@@ -58,6 +62,12 @@ STEP_TEMPORARIES_PER_PARAM = {"adamw": 1, "sgd": 1}
 # Transient bytes per connection during one rewire (prune mask, regrown mask, int64 permutation, gathered weight,
 # sorted int32 indices, one moved optimizer-state tensor).
 REWIRE_BYTES_PER_SLOT = 1 + 1 + 8 + 4 + 4 + 4
+# A grouped rewire per slot of a group: the masks, int64 permutation and sorted indices, plus per label of the group
+# the gathered weight, an fp32 magnitude copy and one moved state tensor.
+GROUPED_REWIRE_BYTES_PER_SLOT = 1 + 1 + 8 + 4
+# The CPU generator state each bf16 parameter's stochastic rounding keeps in its optimizer state.
+ROUNDING_STATE_BYTES = 5056
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 _BERT_BASE = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
               "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
@@ -202,9 +212,14 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
                           intermediate_dim: int = 0, aux_clusters: int = 0, param_bytes: int = 4,
                           encoder_optimizer: str = "adamw", head_optimizer: str = "adamw",
                           dst: bool = True, track_itop: bool = True, itop_rows: int | None = 65_536,
-                          gradient_regrowth: bool = False,
+                          gradient_regrowth: bool = False, group_size: int | None = None,
+                          head_weight_dtype: str | None = None, head_state_dtype: str = "float32",
                           precision: str = "32-true", budget_bytes: int | None = None) -> MemoryEstimate:
     """The estimate from plain numbers (see the module docstring for the formulas).
+
+    The sparse column's head is the per-label fixed fan-in head, or with ``group_size`` the grouped one;
+    ``head_weight_dtype`` (default: the precision's parameter dtype) and ``head_state_dtype`` (of a bf16 head's
+    momentum / moments) size its weights, gradients and optimizer state.
 
     ``head_in`` is the head's input width (the intermediate width if any); ``encoder_output_dim`` the encoder's
     (input of the intermediate layer and the auxiliary head; default ``head_in``). Optimizer state counts
@@ -235,8 +250,17 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
                                      buffers=num_labels * 8, activations=2 * batch_size * aux_clusters * 4)
     fan_in = min(fan_in, head_in)
     dense = dict(common, head=trained(num_labels * (head_in + 1), head_state, activations=logits))
-    sparse_head = trained(num_labels * (fan_in + 1), head_state, buffers=num_labels * fan_in * 4 + 8,
-                          activations=logits)
+    low_precision = head_weight_dtype == "bfloat16"
+    weight_bytes = DTYPE_BYTES[head_weight_dtype] if head_weight_dtype else param_bytes
+    state_bytes = DTYPE_BYTES[head_state_dtype] if low_precision else weight_bytes
+    rows = num_labels if group_size is None else -(-num_labels // group_size)  # index rows: labels or groups
+    slots = num_labels if group_size is None else rows * group_size
+    sparse_params = slots * fan_in + num_labels
+    buffers = rows * fan_in * 4 + 8 + (0 if group_size is None else (num_labels + slots) * 4)
+    sparse_head = PartBytes(params=sparse_params * weight_bytes, grads=sparse_params * weight_bytes,
+                            optimizer=sparse_params * state_bytes * head_state
+                            + (2 * ROUNDING_STATE_BYTES if low_precision else 0),
+                            buffers=buffers, activations=logits)
     sparse = dict(common, head=sparse_head)
 
     def step_temporaries(head_params: int) -> PartBytes:
@@ -245,18 +269,23 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
                   (enc_out * intermediate_dim + intermediate_dim if intermediate_dim else 0, encoder_optimizer),
                   (enc_out * aux_clusters + aux_clusters if aux_clusters else 0, encoder_optimizer),
                   (head_params, head_optimizer)]
-        largest = max(n * STEP_TEMPORARIES_PER_PARAM[algorithm] for n, algorithm in groups)
-        return PartBytes(activations=largest * param_bytes)
+        sizes = [n * STEP_TEMPORARIES_PER_PARAM[algorithm] * param_bytes for n, algorithm in groups[:-1]]
+        head_bytes = (min(head_params, LOW_PRECISION_CHUNK) * LOW_PRECISION_TEMPORARY_BYTES if low_precision
+                      else head_params * STEP_TEMPORARIES_PER_PARAM[head_optimizer] * param_bytes)
+        return PartBytes(activations=max(*sizes, head_bytes))
 
     dense["optimizer step temporaries"] = step_temporaries(num_labels * (head_in + 1))
-    sparse["optimizer step temporaries"] = step_temporaries(num_labels * (fan_in + 1))
+    sparse["optimizer step temporaries"] = step_temporaries(sparse_params)
     notes = ["optimizer step temporaries: one parameter-sized tensor of the largest optimizer group, alive during "
              "the optimizer step (after backward has freed the activations)"]
     if dst:
         words = (head_in + 63) // 64
-        rewire = num_labels * fan_in * REWIRE_BYTES_PER_SLOT
+        if group_size is None:
+            rewire = num_labels * fan_in * REWIRE_BYTES_PER_SLOT
+        else:
+            rewire = rows * fan_in * (GROUPED_REWIRE_BYTES_PER_SLOT + group_size * (weight_bytes + 4 + state_bytes))
         captured = batch_size * (head_in + num_labels) * 4 if gradient_regrowth else 0
-        tracked = num_labels if itop_rows is None else min(num_labels, itop_rows)
+        tracked = rows if itop_rows is None else min(rows, itop_rows)
         sparse["dst"] = PartBytes(buffers=tracked * words * 8 if track_itop else 0,
                                   activations=rewire + captured)
         notes.append("dst activations: transient tensors of one rewire (and the captured batch with gradient "
@@ -301,15 +330,32 @@ def _count_encoder(encoder_spec: Mapping[str, Any], tokenizer: str | None, num_f
     return encoder, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), note
 
 
-def _head_settings(model: Mapping[str, Any]) -> tuple[int, str]:
-    """(fan_in, optimizer) of the config's head; what it does not set (a dense head has no fan-in), the fixed
-    fan-in head's defaults, for the sparse column."""
-    from xmc_dst.heads import FixedFanInHead
+@dataclass
+class HeadSettings:
+    """What the estimate reads from a config's head: fan-in, optimizer, grouping and dtypes."""
 
-    defaults = inspect.signature(FixedFanInHead).parameters
-    args = _init_args(model.get("head"))
-    return (int(args.get("fan_in", defaults["fan_in"].default)),
-            str(args.get("optimizer", defaults["optimizer"].default)))
+    fan_in: int
+    optimizer: str
+    group_size: int | None = None
+    weight_dtype: str | None = None
+    state_dtype: str = "float32"
+
+
+def _head_settings(model: Mapping[str, Any]) -> HeadSettings:
+    """The config head's settings; what it does not set (a dense head has no fan-in), the defaults of the sparse
+    head it names (the grouped one, else the fixed fan-in head), for the sparse column."""
+    from xmc_dst.heads import FixedFanInHead, GroupedFanInHead
+
+    head = model.get("head")
+    grouped = isinstance(head, Mapping) and str(head.get("class_path", "")).endswith("GroupedFanInHead")
+    defaults = inspect.signature(GroupedFanInHead if grouped else FixedFanInHead).parameters
+    args = _init_args(head)
+
+    def arg(name: str) -> Any:
+        return args.get(name, defaults[name].default)
+
+    return HeadSettings(int(arg("fan_in")), str(arg("optimizer")), int(arg("group_size")) if grouped else None,
+                        str(args["weight_dtype"]) if "weight_dtype" in args else None, str(arg("state_dtype")))
 
 
 def _precision_bytes(precision: str) -> tuple[int, int]:
@@ -377,7 +423,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         num_features = model.get("num_features") or (data_cls(**data).num_features if data_cls else None)
     encoder, enc_params, enc_trainable, architecture_note = _count_encoder(
         encoder_spec, tokenizer, num_features, encoder_config, int(data.get("lexical_features", 0) or 0) or None)
-    fan_in, head_optimizer = _head_settings(model)
+    head = _head_settings(model)
     enc_groups = split_no_decay(encoder.named_parameters())  # XMCModule's two encoder groups
     enc_largest = max(sum(p.numel() for p in group) for group in enc_groups)
     enc_out = int(encoder.output_dim)
@@ -405,11 +451,12 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
             dst_args = _init_args(callback)
     budget = int(budget_gib * GIB) if budget_gib is not None else None
     estimate = estimate_memory_parts(
-        num_labels=int(labels), head_in=head_in, fan_in=fan_in, batch_size=batch,
+        num_labels=int(labels), head_in=head_in, fan_in=head.fan_in, batch_size=batch,
         encoder_params=enc_params, encoder_trainable=enc_trainable, encoder_activations=enc_act,
         encoder_output_dim=enc_out, encoder_largest_group=enc_largest, intermediate_dim=intermediate,
         aux_clusters=aux, param_bytes=param_bytes,
-        encoder_optimizer=model.get("encoder_optimizer", "adamw"), head_optimizer=head_optimizer,
+        encoder_optimizer=model.get("encoder_optimizer", "adamw"), head_optimizer=head.optimizer,
+        group_size=head.group_size, head_weight_dtype=head.weight_dtype, head_state_dtype=head.state_dtype,
         dst=dst_args is not None, track_itop=bool((dst_args or {}).get("track_itop", True)),
         itop_rows=(dst_args or {}).get("itop_rows", 65_536),
         gradient_regrowth=(dst_args or {}).get("regrow") == "gradient", precision=precision, budget_bytes=budget)

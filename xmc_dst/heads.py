@@ -10,10 +10,14 @@ change.
 
 * :class:`FixedFanInHead`: the fixed fan-in sparse layer (:class:`xmc_dst.sparse.FixedFanInLinear`), which dynamic
   sparse training rewires;
+* :class:`GroupedFanInHead`: groups of ``group_size`` labels sharing one fan-in index row
+  (:class:`xmc_dst.grouped.GroupedFanInLinear`), rewired per group by the same callback;
 * :class:`DenseHead`: ``nn.Linear`` with the authors' ``N(0, 0.02)`` initialisation, the dense baseline.
 
 The head classes are the layers themselves (subclasses), so a checkpoint holds ``head.weight``, ``head.indices``, ...
-exactly as the layer names them.
+exactly as the layer names them. The sparse heads can store their weights in bf16 (``weight_dtype``): the optimizer
+then steps them in fp32 and rounds back stochastically (:mod:`xmc_dst.optim`), momentum or moments in
+``state_dtype``.
 """
 
 from __future__ import annotations
@@ -24,10 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from xmc_dst.optim import ALGORITHMS, SCHEDULES, Algorithm, Schedule
+from xmc_dst.clusters import load_cluster_file
+from xmc_dst.grouped import GroupedFanInLinear, GroupedImpl, group_positions
+from xmc_dst.optim import ALGORITHMS, SCHEDULES, STATE_DTYPES, Algorithm, Schedule
 from xmc_dst.sparse import FixedFanInLinear, Impl
 
-__all__ = ["DenseHead", "FixedFanInHead", "HeadFactory", "HeadOptimizer", "InputTooNarrow", "LexicalHead"]
+__all__ = ["DenseHead", "FixedFanInHead", "GroupedFanInHead", "HeadFactory", "HeadOptimizer", "InputTooNarrow",
+           "LexicalHead"]
+
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 HeadFactory = Callable[[int, int, torch.Generator | None], nn.Module]
 
@@ -42,6 +51,8 @@ class HeadOptimizer:
         momentum: momentum with ``sgd``.
         warmup_steps, lr_schedule: the head's linear warmup (optimizer steps) and schedule after it (``cosine``,
             ``linear``, ``constant``); None: the model's ``warmup_steps`` / ``lr_schedule``.
+        state_dtype, rounding_seed: for bf16 weights, the dtype of momentum / moments (``float32`` or
+            ``bfloat16``) and the seed of the stochastic rounding (see :mod:`xmc_dst.optim`).
     """
 
     algorithm: Algorithm = "adamw"
@@ -50,6 +61,8 @@ class HeadOptimizer:
     momentum: float = 0.9
     warmup_steps: int | None = None
     lr_schedule: Schedule | None = None
+    state_dtype: str = "float32"
+    rounding_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -58,6 +71,22 @@ class HeadOptimizer:
             raise ValueError(f"head lr_schedule must be one of {SCHEDULES} or null, got {self.lr_schedule!r}")
         if min(self.lr, self.weight_decay, self.momentum, self.warmup_steps or 0) < 0:
             raise ValueError("head lr, weight_decay, momentum and warmup_steps must be non-negative")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"head state_dtype must be one of {tuple(STATE_DTYPES)}, got {self.state_dtype!r}")
+
+
+def weight_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a head's ``weight_dtype`` argument."""
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"head weight_dtype must be one of {tuple(WEIGHT_DTYPES)}, got {name!r}")
+    return WEIGHT_DTYPES[name]
+
+
+def _check_fan_in(fan_in: int, in_features: int) -> None:
+    if fan_in < 1:
+        raise ValueError(f"fan_in must be at least 1, got {fan_in}")
+    if fan_in > in_features:
+        raise InputTooNarrow("fan_in", fan_in, in_features)
 
 
 class InputTooNarrow(ValueError):
@@ -76,19 +105,53 @@ class FixedFanInHead(FixedFanInLinear):
             initial topology and weights).
         fan_in: inputs per label, ``1 <= fan_in <= in_features``.
         impl: ``auto``, ``kernel``, ``csr``, ``embedding_bag`` or ``triton`` (see :mod:`xmc_dst.sparse`).
-        optimizer, lr, weight_decay, momentum, warmup_steps, lr_schedule: its optimizer settings
-            (:class:`HeadOptimizer`).
+        weight_dtype: ``float32`` or ``bfloat16`` (trained with stochastic rounding).
+        optimizer, lr, weight_decay, momentum, warmup_steps, lr_schedule, state_dtype, rounding_seed: its optimizer
+            settings (:class:`HeadOptimizer`).
     """
 
     def __init__(self, in_features: int, num_labels: int, generator: torch.Generator | None = None, fan_in: int = 64,
-                 impl: Impl = "auto", optimizer: Algorithm = "adamw", lr: float = 1e-2, weight_decay: float = 1e-4,
-                 momentum: float = 0.9, warmup_steps: int | None = None, lr_schedule: Schedule | None = None) -> None:
-        settings = HeadOptimizer(optimizer, lr, weight_decay, momentum, warmup_steps, lr_schedule)
-        if fan_in < 1:
-            raise ValueError(f"fan_in must be at least 1, got {fan_in}")
-        if fan_in > in_features:
-            raise InputTooNarrow("fan_in", fan_in, in_features)
+                 impl: Impl = "auto", weight_dtype: str = "float32", optimizer: Algorithm = "adamw", lr: float = 1e-2,
+                 weight_decay: float = 1e-4, momentum: float = 0.9, warmup_steps: int | None = None,
+                 lr_schedule: Schedule | None = None, state_dtype: str = "float32", rounding_seed: int = 0) -> None:
+        settings = HeadOptimizer(optimizer, lr, weight_decay, momentum, warmup_steps, lr_schedule, state_dtype,
+                                 rounding_seed)
+        dtype = weight_dtype_of(weight_dtype)
+        _check_fan_in(fan_in, in_features)
         super().__init__(in_features, num_labels, fan_in, impl=impl, generator=generator)
+        self.to(dtype)  # drawn in fp32 and rounded once: the same topology either way
+        self.optimizer_settings = settings
+
+
+class GroupedFanInHead(GroupedFanInLinear):
+    """The group-shared fixed fan-in head: groups of ``group_size`` labels read the same ``fan_in`` inputs.
+
+    Args:
+        in_features, num_labels, generator: given by the model.
+        fan_in: inputs per group, ``1 <= fan_in <= in_features``.
+        group_size: labels per group (HASTE: 16 or 32; 1 is the per-label head's layout).
+        cluster_file: a label -> cluster assignment (see :func:`xmc_dst.clusters.load_cluster_file`; label ids, not
+            names) whose clusters become runs of groups (:func:`xmc_dst.grouped.group_positions`); None: label-id
+            order until :class:`callbacks.LabelGrouping` groups the labels by clusters of the training data.
+        impl: ``auto``, ``torch`` or ``kernel`` (see :mod:`xmc_dst.grouped`).
+        weight_dtype: ``float32`` or ``bfloat16`` (trained with stochastic rounding).
+        optimizer, lr, weight_decay, momentum, warmup_steps, lr_schedule, state_dtype, rounding_seed: its optimizer
+            settings (:class:`HeadOptimizer`).
+    """
+
+    def __init__(self, in_features: int, num_labels: int, generator: torch.Generator | None = None, fan_in: int = 32,
+                 group_size: int = 16, cluster_file: str | None = None, impl: GroupedImpl = "auto",
+                 weight_dtype: str = "float32", optimizer: Algorithm = "adamw", lr: float = 1e-2,
+                 weight_decay: float = 1e-4, momentum: float = 0.9, warmup_steps: int | None = None,
+                 lr_schedule: Schedule | None = None, state_dtype: str = "float32", rounding_seed: int = 0) -> None:
+        settings = HeadOptimizer(optimizer, lr, weight_decay, momentum, warmup_steps, lr_schedule, state_dtype,
+                                 rounding_seed)
+        dtype = weight_dtype_of(weight_dtype)
+        _check_fan_in(fan_in, in_features)
+        assignment = load_cluster_file(cluster_file, num_labels) if cluster_file else None
+        super().__init__(in_features, num_labels, fan_in, group_size, impl=impl, generator=generator,
+                         label_position=group_positions(num_labels, group_size, assignment))
+        self.to(dtype)
         self.optimizer_settings = settings
 
 

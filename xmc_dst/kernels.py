@@ -69,10 +69,47 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"ffi_backward_{suffix}")
         bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
         bwd.restype = None
+    for suffix in ("f32", "f64"):
+        fwd = getattr(lib, f"ffi_grouped_forward_{suffix}")
+        fwd.argtypes = [p, p, c_int, p, p, p, p, i64, i64, i64, i64, c_int]
+        fwd.restype = None
+        bwd = getattr(lib, f"ffi_grouped_backward_{suffix}")
+        bwd.argtypes = [p, p, c_int, p, p, p, p, p, p, i64, i64, i64, i64, i64, c_int]
+        bwd.restype = None
     lib.ffi_regrow.argtypes = [p, p, i64, i64, i64, ctypes.c_uint64, c_int, p, p, c_int]
     lib.ffi_regrow.restype = c_int
     lib.ffi_prune_f32.argtypes = [p, i64, i64, c_int, ctypes.c_float, i64, p, c_int]
     lib.ffi_prune_f32.restype = None
+
+
+HUGE_PAGE = 1 << 21
+MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc
+
+
+def advise_huge_pages(tensor) -> bool:
+    """Ask Linux to back a new, not yet written CPU tensor with transparent huge pages (``madvise``), so a kernel's
+    first write into a [labels, batch] output takes one fault per 2 MB instead of one per 4 KB: at 670K labels x 64
+    that halves the cost of a fresh 171 MB output. A hint: False (and nothing changes) where it cannot be given."""
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu":
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), end & ~(HUGE_PAGE - 1)
+    return last > first and libc.madvise(first, last - first, MADV_HUGEPAGE) == 0
 
 
 @lru_cache(maxsize=1)

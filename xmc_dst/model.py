@@ -461,7 +461,8 @@ class XMCModule(L.LightningModule):
             groups.append(dict(name="aux", params=params, lr=hp.aux_lr, weight_decay=hp.encoder_weight_decay,
                                **side))
         groups.append(dict(name="head", params=list(self.head.parameters()), lr=head.lr, weight_decay=head.weight_decay,
-                           algorithm=head.algorithm, momentum=head.momentum))
+                           algorithm=head.algorithm, momentum=head.momentum, state_dtype=head.state_dtype,
+                           rounding_seed=head.rounding_seed))
         if self.lexical_head is not None:
             groups.append(dict(name="lexical_head", params=list(self.lexical_head.parameters()),
                                lr=hp.lexical_head_lr if hp.lexical_head_lr is not None else head.lr, weight_decay=0.0,

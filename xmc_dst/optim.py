@@ -12,6 +12,14 @@ moves them with rewired connections.
 
 The update rules are those of ``torch.optim.AdamW`` (decoupled decay, bias correction, no amsgrad) and
 ``torch.optim.SGD`` (coupled decay, momentum with dampening, optional Nesterov); the tests check both against torch.
+
+bf16 parameters (a head stored in bf16, HASTE's choice) take the same rules computed in fp32, and the result is
+rounded back to bf16 *stochastically* (:func:`stochastic_round`): round-to-nearest would drop every update smaller
+than half a bf16 ulp (2**-9 of the weight), i.e. most of a small learning rate's steps, while stochastic rounding
+keeps them in expectation. The momentum / moments are kept in the group's ``state_dtype`` (``float32``, or
+``bfloat16``, rounded stochastically too). Each such parameter draws from its own generator, seeded from the
+group's ``rounding_seed`` and the parameter's place in the group; its state (``rounding_state``) is optimizer state,
+so checkpoints resume the same roundings bit for bit.
 """
 
 from __future__ import annotations
@@ -29,7 +37,41 @@ ALGORITHMS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
 __all__ = ["GroupwiseOptimizer", "cosine_decay", "drop_parameters", "schedule_lambda", "split_no_decay",
-           "NO_DECAY_KEYS"]
+           "stochastic_round", "NO_DECAY_KEYS", "STATE_DTYPES"]
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Elements of a bf16 parameter updated at a time: bounds the fp32 temporaries of its step (2**22: 16 MB each) while
+# keeping the number of elementwise kernels per step small (each one is a fork/join of the intra-op threads).
+LOW_PRECISION_CHUNK = 1 << 22
+# Bytes per element of the temporaries of one chunk of that step: fp32 value, gradient, up to two moments, the int32
+# rounding noise and bit pattern, the rounded bf16 result.
+LOW_PRECISION_TEMPORARY_BYTES = 4 * 6 + 2
+# Low 16 bits of an fp32 value: what bf16 drops.
+_BF16_DROPPED_BITS = 16
+
+
+def stochastic_round(value: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """fp32 ``value`` rounded to bf16 stochastically: up to the next bf16 value with probability equal to the
+    dropped fraction of the gap, down otherwise, so ``E[round(v)] = v``; bf16-representable values (zeros and
+    infinities included) come back unchanged, NaN stays NaN.
+
+    A uniform random integer below ``2**16`` is added to the fp32 bit pattern and the low 16 bits are cleared: the
+    carry into bit 16 happens exactly with probability (dropped bits) / ``2**16``. The sign-magnitude layout makes this
+    round the magnitude, so it is symmetric in the sign. An infinity has no dropped bits, so it never carries.
+    """
+    if value.dtype != torch.float32:
+        raise TypeError(f"stochastic_round takes fp32 values, got {value.dtype}")
+    return _stochastic_round_(value.clone(memory_format=torch.contiguous_format), generator)
+
+
+def _stochastic_round_(value: Tensor, generator: torch.Generator | None) -> Tensor:
+    """:func:`stochastic_round` overwriting its contiguous fp32 argument (four passes over it, no fp32 copy)."""
+    nan = torch.isnan(value)  # a NaN payload near the top could carry into the sign bit
+    bits = value.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << _BF16_DROPPED_BITS, value.shape, generator=generator, device=value.device,
+                            dtype=torch.int32)).bitwise_and_(-(1 << _BF16_DROPPED_BITS))
+    return value.masked_fill_(nan, float("nan")).to(torch.bfloat16)
+
 
 # Parameter names that get no weight decay (the authors': bias, LayerNorm.weight, LayerNorm.bias); any parameter
 # with fewer than two dimensions is exempt too, which covers other spellings of norm layers.
@@ -49,17 +91,26 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], algorithm: Algorithm = "adamw",
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False) -> None:
+                 eps: float = 1e-8, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
+                 state_dtype: str = "float32", rounding_seed: int = 0) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         if lr < 0 or weight_decay < 0 or eps < 0 or momentum < 0:
             raise ValueError("lr, weight_decay, eps and momentum must be non-negative")
         defaults = dict(algorithm=algorithm, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
-                        momentum=momentum, dampening=dampening, nesterov=nesterov)
+                        momentum=momentum, dampening=dampening, nesterov=nesterov, state_dtype=state_dtype,
+                        rounding_seed=rounding_seed)
         super().__init__(params, defaults)
+        self._generators: dict[int, torch.Generator] = {}
         for group in self.param_groups:
             if group["algorithm"] not in ALGORITHMS:
                 raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {group['algorithm']!r}")
+            if group["state_dtype"] not in STATE_DTYPES:
+                raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}, got {group['state_dtype']!r}")
+            for p in group["params"]:
+                if p.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+                    raise TypeError(f"group {group.get('name', '?')!r}: parameters must be fp32, fp64 or bf16 "
+                                    f"(bf16 with stochastic rounding), got {p.dtype}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -79,11 +130,71 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
                                        "sparse-gradient parameters only")
                 for p in sparse:
                     self._lazy_adamw(group, p)
-            elif group["algorithm"] == "adamw":
-                self._adamw(group, params)
             else:
-                self._sgd(group, params)
+                low = [p for p in params if p.dtype == torch.bfloat16]
+                full = [p for p in params if p.dtype != torch.bfloat16]
+                for p in low:
+                    self._low_precision(group, p)
+                if full and group["algorithm"] == "adamw":
+                    self._adamw(group, full)
+                elif full:
+                    self._sgd(group, full)
         return loss
+
+    def _generator(self, group: dict[str, Any], p: Tensor) -> torch.Generator:
+        """The rounding generator of ``p``, at the state its optimizer state holds (set after a checkpoint load)."""
+        generator = self._generators.get(id(p))
+        if generator is None:
+            generator = torch.Generator(device=p.device)
+            state = self.state[p].get("rounding_state")
+            if state is None:
+                place = next(i for i, q in enumerate(group["params"]) if q is p)
+                generator.manual_seed(int(group["rounding_seed"]) * 1_000_003 + place)
+            else:
+                generator.set_state(state.cpu())
+            self._generators[id(p)] = generator
+        return generator
+
+    def _low_precision(self, group: dict[str, Any], p: Tensor) -> None:
+        """One AdamW or SGD step of a bf16 parameter: fp32 arithmetic, stochastic rounding back to bf16 (parameter
+        and, with ``state_dtype=bfloat16``, its state), a chunk of :data:`LOW_PRECISION_CHUNK` elements at a time."""
+        state, generator = self.state[p], self._generator(group, p)
+        dtype = STATE_DTYPES[group["state_dtype"]]
+        adamw = group["algorithm"] == "adamw"
+        names = ("exp_avg", "exp_avg_sq") if adamw else (("momentum_buffer",) if group["momentum"] != 0 else ())
+        fresh = any(name not in state for name in names)
+        for name in names:
+            state.setdefault(name, torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format))
+        if adamw:
+            state["step"] = state.get("step", 0) + 1
+        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+        buffers = [state[name].view(-1) for name in names]
+        for start in range(0, flat_p.numel(), LOW_PRECISION_CHUNK):
+            part = slice(start, start + LOW_PRECISION_CHUNK)
+            value, grad = flat_p[part].float(), flat_g[part].float()
+            moments = [b[part].float() for b in buffers]
+            if adamw:
+                _adamw_rule(group, state["step"], value, grad, *moments)
+            else:
+                _sgd_rule(group, value, grad, moments[0] if moments else None, fresh)
+            flat_p[part] = _stochastic_round_(value, generator)
+            for buffer, moment in zip(buffers, moments, strict=True):
+                buffer[part] = _stochastic_round_(moment, generator) if dtype == torch.bfloat16 else moment
+        state["rounding_state"] = generator.get_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, except that state keeps its saved dtype: torch casts every floating-point state tensor to
+        its parameter's dtype (fp32 moments of a bf16 parameter would become bf16, and the uint8 generator state of
+        the roundings would be read as bf16)."""
+        super().load_state_dict(state_dict)
+        self._generators = {}
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for key, p in zip(saved_group["params"], group["params"], strict=True):
+                for name, value in saved.get(key, {}).items():
+                    if isinstance(value, Tensor) and name != "step" and value.dtype != self.state[p][name].dtype:
+                        device = "cpu" if name == "rounding_state" else p.device
+                        self.state[p][name] = value.to(device=device, copy=True)
 
     def _adamw(self, group: dict[str, Any], params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
@@ -153,6 +264,35 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
                 updates.append(g.add(buf, alpha=momentum) if nesterov else buf)
             grads = updates
         torch._foreach_add_(params, grads, alpha=-lr)
+
+
+def _adamw_rule(group: dict[str, Any], step: int, p: Tensor, grad: Tensor, exp_avg: Tensor,
+                exp_avg_sq: Tensor) -> None:
+    """``torch.optim.AdamW``'s update of ``p`` and its moments, in place (one tensor; what ``_adamw`` does with
+    foreach kernels)."""
+    beta1, beta2 = group["betas"]
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    if wd != 0:
+        p.mul_(1.0 - lr * wd)
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**step))
+
+
+def _sgd_rule(group: dict[str, Any], p: Tensor, grad: Tensor, buf: Tensor | None, fresh: bool) -> None:
+    """``torch.optim.SGD``'s update of ``p`` and its momentum buffer (``fresh``: the first step, which starts the
+    buffer at the gradient), in place."""
+    lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    if wd != 0:
+        grad = grad.add(p, alpha=wd)
+    if buf is not None:
+        if fresh:
+            buf.copy_(grad)
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1.0 - group["dampening"])
+        grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+    p.add_(grad, alpha=-lr)
 
 
 def schedule_lambda(schedule: Schedule, warmup_steps: int, total_steps: int,

@@ -28,8 +28,9 @@ class GradientScores:
         chunk_elements: at most this many fp32 scores exist at a time (one ``[chunk, in]`` block).
 
     A layer whose index rows are its outputs (:class:`~xmc_dst.sparse.FixedFanInLinear`) calls
-    :meth:`best_unconnected`; a layer whose rows stand for several outputs can combine :meth:`block` scores of each
-    row's outputs. Non-finite inputs or gradients (an overflowed fp16 step) score as 0, so the topology stays valid.
+    :meth:`best_unconnected`; a layer whose rows stand for several outputs
+    (:class:`~xmc_dst.grouped.GroupedFanInLinear`) passes them as ``members`` and gets their summed scores.
+    Non-finite inputs or gradients (an overflowed fp16 step) score as 0, so the topology stays valid.
     """
 
     def __init__(self, x: Tensor, dy: Tensor, chunk_elements: int = GRADIENT_CHUNK_ELEMENTS) -> None:
@@ -43,21 +44,32 @@ class GradientScores:
         return (torch.nan_to_num(self.dy_t[outputs]) @ self.x).abs_()
 
     @torch.no_grad()
-    def best_unconnected(self, indices: Tensor, counts: Tensor) -> Tensor:
-        """Per output row, the ``max(counts)`` inputs with the largest score among those not in ``indices``, best
-        first: ``[out, max(counts)]`` int64 (rows that need fewer use a prefix; rows with ``counts == 0`` are not
-        scored). Cost: ``2 * B * rows * in`` flops, one dense-head forward at most."""
+    def best_unconnected(self, indices: Tensor, counts: Tensor, members: Tensor | None = None) -> Tensor:
+        """Per row of ``indices``, the ``max(counts)`` inputs with the largest score among those not in the row,
+        best first: ``[rows, max(counts)]`` int64 (rows that need fewer use a prefix; rows with ``counts == 0`` are
+        not scored). A row is one output, or with ``members`` ``[rows, G]`` (output ids, -1 for none) the sum of its
+        members' scores (a group of outputs sharing the row). Cost: ``2 * B * outputs * in`` flops, one dense-head
+        forward at most."""
         need = int(counts.max()) if counts.numel() else 0
         result = torch.zeros(indices.shape[0], need, dtype=torch.long, device=indices.device)
         if need == 0:
             return result
         rows = counts.nonzero().squeeze(1)
-        for start in range(0, rows.numel(), self.chunk_rows):
-            outputs = rows[start:start + self.chunk_rows]
-            scores = self.block(outputs)
-            scores.scatter_(1, indices[outputs].long(), -1.0)  # connected inputs are never chosen (|g| >= 0 > -1)
-            result[outputs] = scores.topk(need, dim=1, sorted=True).indices
+        width = 1 if members is None else members.shape[1]
+        chunk = max(1, self.chunk_rows // width)
+        for start in range(0, rows.numel(), chunk):
+            block_rows = rows[start:start + chunk]
+            scores = self._row_scores(block_rows, members)
+            scores.scatter_(1, indices[block_rows].long(), -1.0)  # connected inputs are never chosen (|g| >= 0 > -1)
+            result[block_rows] = scores.topk(need, dim=1, sorted=True).indices
         return result
+
+    def _row_scores(self, rows: Tensor, members: Tensor | None) -> Tensor:
+        if members is None:
+            return self.block(rows)
+        outputs = members[rows]  # [n, G]
+        scores = self.block(outputs.clamp(min=0).reshape(-1)).view(*outputs.shape, self.in_features)
+        return scores.mul_((outputs >= 0)[:, :, None]).sum(1)
 
 
 class EverActive:

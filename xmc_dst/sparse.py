@@ -37,7 +37,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from xmc_dst.kernels import load_kernels
+from xmc_dst.kernels import advise_huge_pages, load_kernels
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -82,6 +82,7 @@ class _KernelFunction(torch.autograd.Function):
         xt = x.t().contiguous()
         batch, num_out, fan_in = x.shape[0], weight.shape[0], weight.shape[1]
         out = torch.empty(batch, num_out, dtype=x.dtype)
+        advise_huge_pages(out)
         getattr(lib, f"ffi_forward_{suffix}")(
             xt.data_ptr(), weight.data_ptr(), indices.data_ptr(), _ptr(bias), out.data_ptr(),
             num_out, fan_in, batch, out.stride(0), out.stride(1), _num_threads(),
@@ -98,6 +99,8 @@ class _KernelFunction(torch.autograd.Function):
         grad_out = grad_out.to(xt.dtype)
         want_x, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_w = torch.empty_like(weight) if want_w else None
+        if grad_w is not None:
+            advise_huge_pages(grad_w)
         grad_xt = torch.empty_like(xt) if want_x else None
         if want_x or want_w:
             getattr(lib, f"ffi_backward_{suffix}")(
@@ -257,8 +260,9 @@ class RewireResult:
 class RegrowthCandidates(Protocol):
     """Chosen regrowth inputs for :meth:`FixedFanInLinear.rewire` (e.g. :class:`xmc_dst.regrowth.GradientScores`)."""
 
-    def best_unconnected(self, indices: Tensor, counts: Tensor) -> Tensor:
-        """Per row of ``indices`` [rows, k], ``max(counts)`` distinct inputs absent from the row, best first."""
+    def best_unconnected(self, indices: Tensor, counts: Tensor, members: Tensor | None = None) -> Tensor:
+        """Per row of ``indices`` [rows, k], ``max(counts)`` distinct inputs absent from the row, best first; with
+        ``members`` [rows, G] (output ids, -1 for none) a row is scored for all its outputs together."""
         ...
 
 

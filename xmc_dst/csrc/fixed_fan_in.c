@@ -24,6 +24,19 @@
 typedef float vf32 __attribute__((vector_size(VEC_BYTES), aligned(4), may_alias));
 typedef double vf64 __attribute__((vector_size(VEC_BYTES), aligned(8), may_alias));
 
+/* A 64-byte store past the cache (no read for ownership) where AVX-512 has one; a plain store elsewhere. ``p`` must be
+ * 64-byte aligned. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline void stream_f32(float *p, vf32 v) { _mm512_stream_ps(p, (__m512)v); }
+static inline void stream_f64(double *p, vf64 v) { _mm512_stream_pd(p, (__m512d)v); }
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+static inline void stream_f32(float *p, vf32 v) { *(vf32 *)p = v; }
+static inline void stream_f64(double *p, vf64 v) { *(vf64 *)p = v; }
+static inline void stream_fence(void) {}
+#endif
+
 /* Horizontal sums as a shuffle tree (a lane-by-lane loop costs more than the dot product it finishes). */
 typedef float vf32x8 __attribute__((vector_size(32)));
 typedef float vf32x4 __attribute__((vector_size(16)));
@@ -183,6 +196,258 @@ void ffi_backward_##SUFFIX(const T *xt, const T *w, const int32_t *idx, const T 
 
 DEFINE_KERNELS(float, f32)
 DEFINE_KERNELS(double, f64)
+
+/* ---- Group-shared fan-in ------------------------------------------------------------------------------------
+ *
+ * Groups of G labels share one index row: group g has idx[g, 0:K] and weights w[g, 0:G, 0:K]; order[g * G + r] is
+ * the label in slot r of group g (-1: padding). Outputs and output gradients are label-major, [L, B] contiguous.
+ * Per group the K input rows xt[idx[g, j]] (K x B, in L1 for K = 32, B = 64) are read once and reused by all G
+ * labels: the forward keeps GROUP_ROWS labels' accumulators in registers while it walks the K rows once per block of
+ * labels; the backward walks the K rows once, dotting each with the group's output-gradient rows (weight gradient)
+ * and summing the labels' weighted gradient rows into the row's input gradient (per-thread [in, B] scratch).
+ */
+#define GROUP_ROWS 4
+/* The weights of one group as T: the stored block itself, or (w_bf16, fp32 kernels only) the bf16 block widened into
+ * the thread's buffer (bf16 is the top half of an fp32). */
+static inline const float *group_weights_f32(const void *w, int w_bf16, int64_t g, int64_t n, float *buf) {
+    if (!w_bf16) return (const float *)w + g * n;
+    const uint16_t *src = (const uint16_t *)w + g * n;
+    uint32_t *dst = (uint32_t *)buf;
+    for (int64_t e = 0; e < n; ++e) dst[e] = (uint32_t)src[e] << 16;
+    return buf;
+}
+static inline const double *group_weights_f64(const void *w, int w_bf16, int64_t g, int64_t n, double *buf) {
+    (void)w_bf16; (void)buf;
+    return (const double *)w + g * n;
+}
+
+/* Output-gradient elements a backward thread gathers at a time (1 MB of fp32: stays in L2). */
+#define GATHER_ELEMENTS (1 << 18)
+
+/* 16 fp32 dot products at once: the 16 vector partial sums s[0..15] reduced into one vector whose lane j is the sum
+ * of s[j]'s lanes, by four levels of pairwise shuffles (45 operations instead of 16 separate horizontal sums). */
+static inline vf32 reduce16_f32(vf32 *s) {
+    vf32 a[8], b[4], c[2];
+    for (int k = 0; k < 8; ++k)
+        a[k] = __builtin_shufflevector(s[2 * k], s[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(s[2 * k], s[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                       30, 31);
+    for (int k = 0; k < 4; ++k)
+        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
+                                       27) +
+               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                       31);
+    for (int k = 0; k < 2; ++k)
+        c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
+                                       29) +
+               __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                       31);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* o[j] (+)= <g[0:64], xt[idx[j], b0:b0+64]> for j < K, a full batch tile; 16 inputs at a time for fp32. */
+static inline void group_dots_f32(const float *restrict g, const float *restrict xt, const int32_t *restrict ix,
+                                  int64_t K, int64_t B, int64_t b0, float *restrict o, int accumulate) {
+    vf32 gv[NVEC_f32];
+    for (int v = 0; v < NVEC_f32; ++v) gv[v] = *(const vf32 *)(g + v * LANES_f32);
+    int64_t j = 0;
+    for (; j + 16 <= K; j += 16) {
+        vf32 sv[16];
+        for (int t = 0; t < 16; ++t) {
+            const float *restrict xr = xt + (int64_t)ix[j + t] * B + b0;
+            vf32 acc = gv[0] * *(const vf32 *)xr;
+            for (int v = 1; v < NVEC_f32; ++v) acc += gv[v] * *(const vf32 *)(xr + v * LANES_f32);
+            sv[t] = acc;
+        }
+        vf32 sums = reduce16_f32(sv);
+        if (accumulate) sums += *(const vf32 *)(o + j);
+        *(vf32 *)(o + j) = sums;
+    }
+    for (; j < K; ++j) {
+        const float *restrict xr = xt + (int64_t)ix[j] * B + b0;
+        vf32 acc = gv[0] * *(const vf32 *)xr;
+        for (int v = 1; v < NVEC_f32; ++v) acc += gv[v] * *(const vf32 *)(xr + v * LANES_f32);
+        o[j] = accumulate ? o[j] + hsum_f32(acc) : hsum_f32(acc);
+    }
+}
+
+static inline void group_dots_f64(const double *restrict g, const double *restrict xt, const int32_t *restrict ix,
+                                  int64_t K, int64_t B, int64_t b0, double *restrict o, int accumulate) {
+    vf64 gv[NVEC_f64];
+    for (int v = 0; v < NVEC_f64; ++v) gv[v] = *(const vf64 *)(g + v * LANES_f64);
+    for (int64_t j = 0; j < K; ++j) {
+        const double *restrict xr = xt + (int64_t)ix[j] * B + b0;
+        vf64 acc = gv[0] * *(const vf64 *)xr;
+        for (int v = 1; v < NVEC_f64; ++v) acc += gv[v] * *(const vf64 *)(xr + v * LANES_f64);
+        o[j] = accumulate ? o[j] + hsum_f64(acc) : hsum_f64(acc);
+    }
+}
+
+#define DEFINE_GROUPED_KERNELS(T, SUFFIX)                                                                             \
+void ffi_grouped_forward_##SUFFIX(const T *xt, const void *w, int w_bf16, const int32_t *idx, const int32_t *order,\
+                                  const T *bias, T *out, int64_t NG, int64_t G, int64_t K, int64_t B, int nthreads) {\
+    _Pragma("omp parallel num_threads(nthreads)")                                                                    \
+    {                                                                                                                 \
+    T *wbuf = w_bf16 ? (T *)malloc((size_t)G * K * sizeof(T)) : NULL;                                                \
+    _Pragma("omp for schedule(static)")                                                                              \
+    for (int64_t g = 0; g < NG; ++g) {                                                                               \
+        const int32_t *ix = idx + g * K;                                                                              \
+        const T *wg = group_weights_##SUFFIX(w, w_bf16, g, G * K, wbuf);                                              \
+        for (int64_t r0 = 0; r0 < G; r0 += GROUP_ROWS) {                                                              \
+            int64_t nr = G - r0 < GROUP_ROWS ? G - r0 : GROUP_ROWS;                                                   \
+            const T *wr = wg + r0 * K;                                                                                \
+            for (int64_t b0 = 0; b0 < B; b0 += BATCH_TILE) {                                                          \
+                int64_t nb = B - b0 < BATCH_TILE ? B - b0 : BATCH_TILE;                                               \
+                T acc[GROUP_ROWS][BATCH_TILE];                                                                        \
+                if (nb == BATCH_TILE && nr == GROUP_ROWS) {                                                           \
+                    v##SUFFIX a[GROUP_ROWS][NVEC_##SUFFIX];                                                           \
+                    for (int t = 0; t < GROUP_ROWS; ++t)                                                              \
+                        for (int v = 0; v < NVEC_##SUFFIX; ++v) a[t][v] = (v##SUFFIX){0};                             \
+                    for (int64_t j = 0; j < K; ++j) {                                                                 \
+                        const T *restrict xr = xt + (int64_t)ix[j] * B + b0;                                          \
+                        v##SUFFIX xv[NVEC_##SUFFIX];                                                                  \
+                        for (int v = 0; v < NVEC_##SUFFIX; ++v) xv[v] = *(const v##SUFFIX *)(xr + v * LANES_##SUFFIX);\
+                        for (int t = 0; t < GROUP_ROWS; ++t) {                                                        \
+                            const T wv = wr[t * K + j];                                                               \
+                            for (int v = 0; v < NVEC_##SUFFIX; ++v) a[t][v] += wv * xv[v];                            \
+                        }                                                                                             \
+                    }                                                                                                 \
+                    for (int t = 0; t < GROUP_ROWS; ++t)                                                              \
+                        for (int v = 0; v < NVEC_##SUFFIX; ++v)                                                       \
+                            *(v##SUFFIX *)(acc[t] + v * LANES_##SUFFIX) = a[t][v];                                    \
+                } else {                                                                                              \
+                    for (int64_t t = 0; t < nr; ++t) {                                                                \
+                        for (int64_t bb = 0; bb < nb; ++bb) acc[t][bb] = 0;                                           \
+                        row_axpy_##SUFFIX(acc[t], xt, wr + t * K, ix, K, B, b0, nb);                                  \
+                    }                                                                                                 \
+                }                                                                                                     \
+                for (int64_t t = 0; t < nr; ++t) {                                                                    \
+                    int32_t label = order[g * G + r0 + t];                                                            \
+                    if (label < 0) continue;                                                                          \
+                    T *o = out + (int64_t)label * B + b0;                                                             \
+                    const T bv = bias ? bias[label] : (T)0;                                                           \
+                    if (nb == BATCH_TILE && ((uintptr_t)o % VEC_BYTES) == 0) {                                        \
+                        /* a row of the output is written once: stream it past the cache (no read for ownership \
+                         * of a line that may be anywhere in memory) */                                               \
+                        for (int v = 0; v < NVEC_##SUFFIX; ++v) {                                                     \
+                            v##SUFFIX val = *(const v##SUFFIX *)(acc[t] + v * LANES_##SUFFIX) + bv;                   \
+                            stream_##SUFFIX(o + v * LANES_##SUFFIX, val);                                             \
+                        }                                                                                             \
+                    } else {                                                                                          \
+                        for (int64_t bb = 0; bb < nb; ++bb) o[bb] = acc[t][bb] + bv;                                  \
+                    }                                                                                                 \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+    }                                                                                                                 \
+    stream_fence();  /* each thread's streamed rows are visible before the region's barrier */                     \
+    free(wbuf);                                                                                                       \
+    }                                                                                                                 \
+}                                                                                                                     \
+                                                                                                                      \
+/* gw[g, r, j] = <g_t[order[g, r]], xt[idx[g, j]]> (when gw is not NULL); gxt[i] = sum over (g, j) with idx[g, j] = i \
+ * of sum_r w[g, r, j] * g_t[order[g, r]] (when gxt is not NULL); gb[l] = sum_b g_t[l, b] (when gb is not NULL).      \
+ * Padding slots get zero weight gradients. */                                                                        \
+void ffi_grouped_backward_##SUFFIX(const T *xt, const void *w, int w_bf16, const int32_t *idx, const int32_t *order,\
+                                   const T *gt, T *gw, T *gxt, T *gb, int64_t NG, int64_t G, int64_t K, int64_t D,  \
+                                   int64_t B, int nthreads) {                                                         \
+    T *scratch = NULL;                                                                                                \
+    if (gxt) {                                                                                                        \
+        scratch = (T *)calloc((size_t)nthreads * (size_t)D * (size_t)B, sizeof(T));                                   \
+        if (!scratch) { nthreads = 1; memset(gxt, 0, (size_t)D * (size_t)B * sizeof(T)); }                          \
+    }                                                                                                                 \
+    _Pragma("omp parallel num_threads(nthreads)")                                                                    \
+    {                                                                                                                 \
+        int tid = omp_get_thread_num();                                                                               \
+        T *my = gxt ? (scratch ? scratch + (size_t)tid * D * B : gxt) : NULL;                                         \
+        const T **rows = (const T **)malloc((size_t)G * sizeof(T *));                                                 \
+        /* The output-gradient rows of a block of groups are copied together first: the labels sit anywhere in gt, \
+         * and a loop of independent row copies keeps many cache misses in flight, which the arithmetic between    \
+         * one group's reads would not. */                                                                        \
+        int64_t block = GATHER_ELEMENTS / (G * B) > 0 ? GATHER_ELEMENTS / (G * B) : 1;                                \
+        T *gathered = (T *)malloc((size_t)block * G * B * sizeof(T));                                                 \
+        T *wbuf = w_bf16 ? (T *)malloc((size_t)G * K * sizeof(T)) : NULL;                                             \
+        int64_t nblocks = (NG + block - 1) / block;                                                                   \
+        _Pragma("omp for schedule(static)")                                                                          \
+        for (int64_t blk = 0; blk < nblocks; ++blk) {                                                                \
+          int64_t g0 = blk * block, g1 = g0 + block < NG ? g0 + block : NG;                                           \
+          for (int64_t s = g0 * G; s < g1 * G; ++s) {                                                                 \
+              T *dst = gathered + (s - g0 * G) * B;                                                                   \
+              if (order[s] < 0) memset(dst, 0, (size_t)B * sizeof(T));                                                \
+              else memcpy(dst, gt + (int64_t)order[s] * B, (size_t)B * sizeof(T));                                    \
+          }                                                                                                           \
+          for (int64_t g = g0; g < g1; ++g) {                                                                         \
+            const int32_t *ix = idx + g * K;                                                                          \
+            const T *wg = my ? group_weights_##SUFFIX(w, w_bf16, g, G * K, wbuf) : NULL;                              \
+            for (int64_t r = 0; r < G; ++r) rows[r] = gathered + ((g - g0) * G + r) * B;                              \
+            for (int64_t b0 = 0; b0 < B; b0 += BATCH_TILE) {                                                          \
+                int64_t nb = B - b0 < BATCH_TILE ? B - b0 : BATCH_TILE;                                               \
+                for (int64_t r = 0; gb && r < G; ++r) {                                                               \
+                    int32_t label = order[g * G + r];                                                                 \
+                    if (label < 0) continue;                                                                          \
+                    T sum = 0;                                                                                        \
+                    for (int64_t bb = 0; bb < nb; ++bb) sum += rows[r][b0 + bb];                                      \
+                    gb[label] = b0 == 0 ? sum : gb[label] + sum;                                                      \
+                }                                                                                                     \
+                if (gw && nb == BATCH_TILE)                                                                           \
+                    for (int64_t r = 0; r < G; ++r)                                                                   \
+                        group_dots_##SUFFIX(rows[r] + b0, xt, ix, K, B, b0, gw + (g * G + r) * K, b0 != 0);           \
+                for (int64_t j = 0; j < K; ++j) {                                                                     \
+                    const int64_t i = ix[j];                                                                          \
+                    const T *restrict xr = xt + i * B + b0;                                                           \
+                    if (nb == BATCH_TILE) {                                                                           \
+                        if (my) {                                                                                     \
+                            v##SUFFIX acc[NVEC_##SUFFIX];                                                             \
+                            for (int v = 0; v < NVEC_##SUFFIX; ++v) acc[v] = (v##SUFFIX){0};                          \
+                            for (int64_t r = 0; r < G; ++r) {                                                         \
+                                const T *restrict gr = rows[r] + b0;                                                  \
+                                const T wv = wg[r * K + j];                                                           \
+                                for (int v = 0; v < NVEC_##SUFFIX; ++v)                                               \
+                                    acc[v] += wv * *(const v##SUFFIX *)(gr + v * LANES_##SUFFIX);                     \
+                            }                                                                                         \
+                            T *restrict dst = my + i * B + b0;                                                        \
+                            for (int v = 0; v < NVEC_##SUFFIX; ++v)                                                   \
+                                *(v##SUFFIX *)(dst + v * LANES_##SUFFIX) += acc[v];                                   \
+                        }                                                                                             \
+                    } else {                                                                                          \
+                        for (int64_t r = 0; r < G; ++r) {                                                             \
+                            const T *restrict gr = rows[r] + b0;                                                      \
+                            if (gw) {                                                                                 \
+                                T sum = 0;                                                                            \
+                                for (int64_t bb = 0; bb < nb; ++bb) sum += gr[bb] * xr[bb];                           \
+                                T *o = gw + (g * G + r) * K + j;                                                      \
+                                *o = b0 == 0 ? sum : *o + sum;                                                        \
+                            }                                                                                         \
+                            if (my) {                                                                                 \
+                                const T wv = wg[r * K + j];                                                           \
+                                T *restrict dst = my + i * B + b0;                                                    \
+                                for (int64_t bb = 0; bb < nb; ++bb) dst[bb] += wv * gr[bb];                           \
+                            }                                                                                         \
+                        }                                                                                             \
+                    }                                                                                                 \
+                }                                                                                                     \
+            }                                                                                                         \
+          }                                                                                                           \
+        }                                                                                                             \
+        free(rows);                                                                                                   \
+        free(gathered);                                                                                               \
+        free(wbuf);                                                                                                   \
+    }                                                                                                                 \
+    if (gxt && scratch) {                                                                                             \
+        int64_t n = D * B;                                                                                            \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                         \
+        for (int64_t e = 0; e < n; ++e) {                                                                             \
+            T s = 0;                                                                                                  \
+            for (int th = 0; th < nthreads; ++th) s += scratch[(size_t)th * n + e];                                   \
+            gxt[e] = s;                                                                                               \
+        }                                                                                                             \
+        free(scratch);                                                                                                \
+    }                                                                                                                 \
+}
+
+DEFINE_GROUPED_KERNELS(float, f32)
+DEFINE_GROUPED_KERNELS(double, f64)
 
 /* ---- Regrowth (SET) ------------------------------------------------------------------------------------------- */
 
