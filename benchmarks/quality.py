@@ -17,7 +17,7 @@ Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one 
   recipe+dense         the same with the nn.Linear head (no DST)
   recipe-lexical-head  without the lexical head (lexical_fan_in 0)
   recipe-lexical       without any lexical feature (neither projection nor head)
-  recipe+propensity    positives weighted by their label's inverse propensity
+  recipe-propensity    positives unweighted (the recipe weights them by their label's inverse propensity)
 
 Variants on the bag-of-words sets (what each one shows):
   dense            the nn.Linear baseline head
@@ -85,7 +85,7 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "recipe-lexical-head": {"model.lexical_fan_in": 0},
     "recipe-lexical": {"model.lexical_fan_in": 0, "model.encoder.init_args.lexical_dim": 0,
                        "data.init_args.lexical_features": 0},
-    "recipe+propensity": {"model.positive_weighting": "propensity"},
+    "recipe-propensity": {"model.positive_weighting": "none"},
 }
 DATASETS: dict[str, dict[str, Any]] = {
     "debtags": {"config": "configs/raw-text.yaml", "default": "recipe", "variants": RECIPE_VARIANTS, "base": {}},
