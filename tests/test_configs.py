@@ -352,7 +352,20 @@ def test_raw_text_config_on_any_raw_text_directory(workspace, tmp_path):
     assert type(data).__name__ == "RawTextXMCDataModule" and data.max_length == 32 and data.batch_size == 64
     assert model.hparams.num_labels == data.num_labels == 12 and model.head.out_features == 12
     assert model.hparams.tokenizer == data.tokenizer_name  # the shipped MiniLM, the DataModule's default
-    assert run.trainer.logger.name == written["amazon-670k"].directory.name  # the recipe's run: named after its data
+
+
+
+@pytest.mark.parametrize(("class_path", "data_dir", "name"), [
+    ("datamodules.RawTextXMCDataModule", "/data/My-Set", "My-Set"), ("datamodules.Debtags", None, "debtags"),
+    ("datamodules.DebianFiles", None, "debian-files"), ("datamodules.Debtags", "/data/other", "other")])
+def test_the_recipes_runs_are_named_after_their_data(class_path, data_dir, name):
+    from xmc_dst.cli import _name_run_after_own_folder
+
+    config = {"data": {"class_path": class_path, "init_args": {"data_dir": data_dir}},
+              "trainer": {"logger": {"init_args": {"name": _yaml(_config("raw-text"))["trainer"]["logger"]["init_args"]
+                                                   ["name"]}}}}
+    _name_run_after_own_folder(config)
+    assert config["trainer"]["logger"]["init_args"]["name"] == name
 
 
 def test_bibtex_fast_dev_run_and_overfit_fragment(tmp_path):
