@@ -1,6 +1,6 @@
 """Accuracy, memory and cost of every model variant on the shipped real datasets, beside peer systems.
 
-    python benchmarks/quality.py                              # the whole grid (about an hour on 2 CPU cores)
+    python benchmarks/quality.py                              # the whole grid (hours on 2 CPU cores)
     python benchmarks/quality.py --datasets bibtex --seeds 42 # one dataset, one seed
     python benchmarks/quality.py --report-only                # tables and plots from the saved runs
 
