@@ -201,12 +201,7 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
+            state = self._adam_state(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
@@ -221,18 +216,23 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**s) for s in steps])
 
-    def _lazy_adamw(self, group: dict[str, Any], p: Tensor) -> None:
-        """AdamW on the rows a sparse gradient touches (``torch.optim.SparseAdam``'s rule, plus decoupled decay of
-        those rows): rows a step does not touch keep their values and moments, so a large embedding table costs the
-        rows of the batch per step, not the whole table."""
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    def _adam_state(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s AdamW state (zero moments on its first step), its step count advanced by one."""
         state = self.state[p]
         if not state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
+        return state
+
+    def _lazy_adamw(self, group: dict[str, Any], p: Tensor) -> None:
+        """AdamW on the rows a sparse gradient touches (``torch.optim.SparseAdam``'s rule, plus decoupled decay of
+        those rows): rows a step does not touch keep their values and moments, so a large embedding table costs the
+        rows of the batch per step, not the whole table."""
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        state = self._adam_state(p)
         grad = p.grad.coalesce()
         rows, values = grad.indices()[0], grad.values()
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
