@@ -73,6 +73,36 @@ def test_gradcheck(impl: str, bias: bool) -> None:
     assert torch.autograd.gradcheck(fn, (x, *params))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_sparse_matches_the_oracle_of_the_densified_rows(bias: bool) -> None:
+    lay = layer(bias=bias)
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 0, 12, 1, 40]  # an empty row, and a row naming every input
+    ids = torch.cat([torch.randperm(40, generator=g)[:n] for n in lengths])
+    values = torch.randn(ids.numel(), dtype=torch.float64, generator=g)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    dense = torch.zeros(len(lengths), 40, dtype=torch.float64)
+    for row in range(len(lengths)):
+        dense[row, ids[offsets[row]:offsets[row + 1]]] = values[offsets[row]:offsets[row + 1]]
+    for rewired in (False, True):
+        if rewired:  # the cached input-major structure must follow the new topology
+            lay.rewire("fraction", 0.5, torch.Generator().manual_seed(2))
+        lay.zero_grad()
+        y = lay.forward_sparse(offsets, ids, values)
+        grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
+        y.backward(grad)
+        w_ref = lay.weight.detach().clone().requires_grad_()
+        b_ref = lay.bias.detach().clone().requires_grad_() if bias else None
+        y_ref = oracle(dense, w_ref, lay.indices, b_ref)
+        y_ref.backward(grad)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(lay.weight.grad, w_ref.grad)
+        if bias:
+            torch.testing.assert_close(lay.bias.grad, b_ref.grad)
+    with pytest.raises(ValueError, match=r"sparse input ids must lie in \[0, 40\)"):
+        lay.forward_sparse(torch.tensor([0, 1]), torch.tensor([40]), torch.ones(1, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("impl", impls)
 def test_gradient_of_expanded_and_transposed_output_grads(impl: str) -> None:
     """Loss shapes that hand back stride-0 or transposed gradients still give the oracle's gradients."""

@@ -164,16 +164,16 @@ class LexicalHead(nn.Module):
     its own weights, a fixed fan-in layer whose connections start at the label's strongest terms over its training
     documents (:func:`xmc_dst.lexical.label_term_profiles`, set by the model from the DataModule before training)
     with those centroid values as weights. Its topology comes from the data, so dynamic sparse training leaves it
-    alone (``static_topology``). The batch's TF-IDF rows are densified, ``[batch, num_features]`` floats, for the
-    gather (the layer's cost is ``batch * num_labels * fan_in`` whatever the width).
+    alone (``static_topology``). The batch's TF-IDF rows stay sparse (:meth:`FixedFanInLinear.forward_sparse`): the
+    cost is the number of connections the batch's terms feed, not ``batch * num_labels * fan_in``.
     """
 
-    def __init__(self, num_features: int, num_labels: int, fan_in: int, generator: torch.Generator | None = None,
-                 impl: Impl = "auto") -> None:
+    def __init__(self, num_features: int, num_labels: int, fan_in: int,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if not 1 <= fan_in <= num_features:
             raise ValueError(f"lexical_fan_in must be between 1 and the {num_features} lexical features, got {fan_in}")
-        self.layer = FixedFanInLinear(num_features, num_labels, fan_in, bias=False, impl=impl, generator=generator)
+        self.layer = FixedFanInLinear(num_features, num_labels, fan_in, bias=False, generator=generator)
         self.layer.static_topology = True
         nn.init.zeros_(self.layer.weight)
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
@@ -191,11 +191,7 @@ class LexicalHead(nn.Module):
         self.initialised.fill_(True)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        offsets = batch["lexical_offsets"].long()
-        rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
-        dense = torch.zeros(offsets.numel() - 1, self.layer.in_features, device=self.layer.weight.device)
-        dense[rows, batch["lexical_ids"].long()] = batch["lexical_values"].float()
-        return self.layer(dense)
+        return self.layer.forward_sparse(batch["lexical_offsets"], batch["lexical_ids"], batch["lexical_values"])
 
 
 class DenseHead(nn.Linear):
