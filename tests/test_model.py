@@ -318,8 +318,8 @@ def test_checkpoints_of_the_layout_before_head_components_load_and_predict_as_th
     assert saved["head"] == kind and "head_lr" in saved  # the old layout indeed
     reference = torch.load(DATA / "legacy-head-logits.pt", weights_only=True)
     restored = XMCModule.load_from_checkpoint(path, map_location="cpu").eval()
-    with torch.no_grad():
-        assert torch.equal(restored(reference["batch"]), reference["logits"][kind])
+    with torch.no_grad():  # not bit-equal across CPUs: the dense product's kernel and summation order are the CPU's
+        torch.testing.assert_close(restored(reference["batch"]), reference["logits"][kind], rtol=1e-5, atol=1e-6)
     assert restored.head.optimizer_settings == HeadOptimizer(
         saved["head_optimizer"], saved["head_lr"], saved["head_weight_decay"], saved["momentum"],
         saved["head_warmup_steps"], saved["head_lr_schedule"])
