@@ -18,6 +18,7 @@ Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one 
   recipe-lexical-head  without the lexical head (lexical_fan_in 0)
   recipe-lexical       without any lexical feature (neither projection nor head)
   recipe-propensity    positives unweighted (the recipe weights them by their label's inverse propensity)
+  recipe+lexical-lr    the lexical head at learning rate 1e-2 (the recipe: the head's 1e-3) and fan-in 64 (32)
 
 Variants on the bag-of-words sets (what each one shows):
   dense            the nn.Linear baseline head
@@ -86,6 +87,7 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "recipe-lexical": {"model.lexical_fan_in": 0, "model.encoder.init_args.lexical_dim": 0,
                        "data.init_args.lexical_features": 0},
     "recipe-propensity": {"model.positive_weighting": "none"},
+    "recipe+lexical-lr": {"model.lexical_head_lr": 0.01, "model.lexical_fan_in": 64},
 }
 DATASETS: dict[str, dict[str, Any]] = {
     "debtags": {"config": "configs/raw-text.yaml", "default": "recipe", "variants": RECIPE_VARIANTS, "base": {}},
