@@ -184,11 +184,12 @@ def write_report(runs: list[dict[str, Any]], out: Path, command: str, machine: s
     peer_rows = load_peers(out / "peers.jsonl") if peers else []
     commits = sorted({r.get("commit", "?") for r in runs})
     commands = sorted({r.get("command", command) for r in runs})
+    machine = " ; ".join(sorted({r["machine"] for r in runs if r.get("machine")})) or machine  # where the runs ran
     footer = f"{machine} | {' ; '.join(commands) or command} | commit {', '.join(commits)}"
     if commands and command not in commands:  # --report-only: name the commands that ran the grid
         command = " ; ".join(commands) + f"`; report by `{command}"
     stamp = time.strftime("%Y-%m-%d")
-    header = (f"Machine: {machine}. Command: `{command}`. Runs at commit(s) {', '.join(commits)}; report {stamp} "
+    header = (f"Machine(s): {machine}. Command: `{command}`. Runs at commit(s) {', '.join(commits)}; report {stamp} "
               f"at {commit}. Mean ± sample std over seeds; test split; PSP with A = 0.55, B = 1.5.\n\n"
               + NOTES)
     (out / "quality.md").write_text(markdown(runs, peer_rows, header, datasets) + "\n")
