@@ -19,6 +19,10 @@ Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one 
   recipe-lexical       without any lexical feature (neither projection nor head)
   recipe-propensity    positives unweighted (the recipe weights them by their label's inverse propensity)
   recipe+lexical-lr    the lexical head at learning rate 1e-2 (the recipe: the head's 1e-3) and fan-in 64 (32)
+  recipe+grouped-g<G>  the sparse head as a grouped one (GroupedFanInHead, G labels per shared index row, grouped
+                       by LabelGrouping), G = 8, 16, 32
+  recipe+bf16-sr       the sparse head's weights and optimizer state in bf16, stochastic rounding
+  recipe+grouped-g16+bf16-sr  both
 
 Variants on the bag-of-words sets (what each one shows):
   dense            the nn.Linear baseline head
@@ -27,6 +31,9 @@ Variants on the bag-of-words sets (what each one shows):
   +aux             sparse head with the auxiliary meta-classifier over label clusters (remedy 2)
   gradient         DST with gradient (RigL) regrowth instead of random
   frozen-topology  the sparse head with rewiring off: the control that shows what DST itself buys
+  grouped-g<G>     the shipped sparse head as a grouped one (G labels share an index row), G = 8, 16, 32
+  bf16-sr          the shipped sparse head in bf16 weights and state, stochastic rounding
+  grouped-g16+bf16-sr  both
 
 Writes ``benchmarks/results/quality.jsonl`` (one line per run, appended; a run already there is not run again),
 ``quality.md`` (mean and standard deviation over seeds, with the peers of ``benchmarks/peers.py`` when their
@@ -88,6 +95,9 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
                        "data.init_args.lexical_features": 0},
     "recipe-propensity": {"model.positive_weighting": "none"},
     "recipe+lexical-lr": {"model.lexical_head_lr": 0.01, "model.lexical_fan_in": 64},
+    **{f"recipe+grouped-g{size}": grouped(size) for size in GROUP_SIZES},
+    "recipe+bf16-sr": dict(BF16_SR),
+    "recipe+grouped-g16+bf16-sr": {**grouped(16), **BF16_SR},
 }
 DATASETS: dict[str, dict[str, Any]] = {
     "debtags": {"config": "configs/raw-text.yaml", "default": "recipe", "variants": RECIPE_VARIANTS, "base": {}},
