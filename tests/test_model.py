@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from xmc_dst.encoders import BagOfWordsEncoder, TransformerEncoder
-from xmc_dst.heads import DenseHead, FixedFanInHead, HeadOptimizer
+from xmc_dst.heads import DenseHead, FixedFanInHead, GroupedFanInHead, HeadOptimizer
 from xmc_dst.losses import squared_hinge
 from xmc_dst.model import XMCModule, migrate_hparams, top_k
 
@@ -304,6 +304,18 @@ def test_resuming_a_checkpoint_of_another_label_space_fails_with_the_fix(tmp_pat
     same = _bow_module()
     same.on_load_checkpoint(checkpoint)  # the matching module accepts it
     assert same.label_names == checkpoint["label_names"]
+
+
+def test_a_grouped_checkpoint_of_another_label_count_names_labels_not_groups():
+    """A grouped head's weight rows are groups (13 labels in groups of 4: 4 rows); the message counts labels."""
+    def grouped_module(num_labels: int) -> XMCModule:
+        return XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6),
+                         num_labels=num_labels, num_features=20, seed=0,
+                         head=functools.partial(GroupedFanInHead, fan_in=3, group_size=4))
+
+    checkpoint = {"state_dict": grouped_module(13).state_dict(), "label_names": None}
+    with pytest.raises(ValueError, match=r"trained with 13 labels, this run has 11.*without --ckpt_path"):
+        grouped_module(11).on_load_checkpoint(checkpoint)
 
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -172,6 +172,14 @@ def saved_hparams(path: str | Path, weights_only: bool = True) -> dict[str, Any]
     return dict(hparams) if isinstance(hparams, Mapping) else None
 
 
+def _saved_label_count(state: dict[str, Tensor]) -> int:
+    """Labels of a checkpoint's head: its label map (grouped heads: weight rows are groups), bias or weight rows."""
+    for key in ("head.label_position", "head.bias", "head.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise KeyError("head.weight")
+
+
 class XMCModule(L.LightningModule):
     """Extreme multi-label classifier: a document encoder and a fixed fan-in sparse (or dense) label head.
 
@@ -606,7 +614,7 @@ class XMCModule(L.LightningModule):
         saved_head = checkpoint.get("state_dict", {}).get("head.weight")
         saved_names = checkpoint.get("label_names")
         if saved_head is not None and tuple(saved_head.shape) != tuple(self.head.weight.shape):
-            saved_labels, labels = saved_head.shape[0], self.head.weight.shape[0]
+            saved_labels, labels = _saved_label_count(checkpoint["state_dict"]), self.head.out_features
             what = (f"{saved_labels} labels, this run has {labels}" if saved_labels != labels else
                     f"a head of shape {tuple(saved_head.shape)}, this run builds {tuple(self.head.weight.shape)} "
                     "(fan_in, intermediate_dim or head type differ)")
