@@ -174,10 +174,8 @@ def saved_hparams(path: str | Path, weights_only: bool = True) -> dict[str, Any]
 
 def _saved_label_count(state: dict[str, Tensor]) -> int:
     """Labels of a checkpoint's head: its label map (grouped heads: weight rows are groups), bias or weight rows."""
-    for key in ("head.label_position", "head.bias", "head.weight"):
-        if key in state:
-            return int(state[key].shape[0])
-    raise KeyError("head.weight")
+    key = next((key for key in ("head.label_position", "head.bias") if key in state), "head.weight")
+    return int(state[key].shape[0])
 
 
 class XMCModule(L.LightningModule):
