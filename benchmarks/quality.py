@@ -15,10 +15,10 @@ unseen in training dropped from the targets (points kept). PSP uses A = 0.55, B 
 Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one recipe for both):
   recipe               the config as shipped
   recipe+dense         the same with the nn.Linear head (no DST)
-  recipe-lexical-head  without the lexical head (lexical_fan_in 0)
+  recipe-lexical-head  without the lexical head (lexical_terms 0)
   recipe-lexical       without any lexical feature (neither projection nor head)
   recipe-propensity    positives unweighted (the recipe weights them by their label's inverse propensity)
-  recipe+lexical-lr    the lexical head at learning rate 1e-2 (the recipe: the head's 1e-3) and fan-in 64 (32)
+  recipe-lexical-lr    the lexical head at the head's learning rate 1e-3 (the recipe: 1e-2)
   recipe+grouped-g<G>  the sparse head as a grouped one (GroupedFanInHead, G labels per shared index row, grouped
                        by LabelGrouping), G = 8, 16, 32
   recipe+bf16-sr       the sparse head's weights and optimizer state in bf16, stochastic rounding
@@ -90,11 +90,11 @@ DEBIAN_FILES = {"data.class_path": "datamodules.DebianFiles"}  # the same recipe
 RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "recipe+dense": {"model.head.class_path": "xmc_dst.heads.DenseHead", "model.head.init_args.fan_in": None,
                      "model.head.init_args.impl": None, f"callbacks.{DST}": None},
-    "recipe-lexical-head": {"model.lexical_fan_in": 0},
-    "recipe-lexical": {"model.lexical_fan_in": 0, "model.encoder.init_args.lexical_dim": 0,
+    "recipe-lexical-head": {"model.lexical_terms": 0},
+    "recipe-lexical": {"model.lexical_terms": 0, "model.encoder.init_args.lexical_dim": 0,
                        "data.init_args.lexical_features": 0},
     "recipe-propensity": {"model.positive_weighting": "none"},
-    "recipe+lexical-lr": {"model.lexical_head_lr": 0.01, "model.lexical_fan_in": 64},
+    "recipe-lexical-lr": {"model.lexical_head_lr": None},
     **{f"recipe+grouped-g{size}": grouped(size) for size in GROUP_SIZES},
     "recipe+bf16-sr": dict(BF16_SR),
     "recipe+grouped-g16+bf16-sr": {**grouped(16), **BF16_SR},

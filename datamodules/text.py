@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from xmc_dst.lexical import LexicalVocabulary, label_term_profiles
+from xmc_dst.lexical import LexicalVocabulary, label_term_support
 from xmc_dst.paths import cache_root, default_tokenizer
 
 from .base import XMCDataModule, check_sizes, split_indices
@@ -292,9 +292,9 @@ class TokenizedTextDataModule(XMCDataModule):
         vocabulary = self.lexical_vocabulary
         return len(vocabulary) if vocabulary is not None else None
 
-    def label_term_profiles(self, fan_in: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Each label's ``fan_in`` strongest lexical features over the training documents (validation held out):
-        see :func:`xmc_dst.lexical.label_term_profiles`."""
+    def label_term_support(self, max_terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each label's lexical features over the training documents (validation held out), at most ``max_terms``:
+        see :func:`xmc_dst.lexical.label_term_support`."""
         if self.lexical_settings is None:
             raise ValueError("label term profiles need lexical features: set lexical_features")
         self._open_train()
@@ -309,8 +309,8 @@ class TokenizedTextDataModule(XMCDataModule):
         label_offsets, label_ids = csr("label_ids")
         term_offsets, term_ids = csr("lexical_ids")
         _, term_values = csr("lexical_values")
-        return label_term_profiles(label_offsets, label_ids, term_offsets, term_ids, term_values, self.num_labels,
-                                   len(self.lexical_vocabulary), fan_in, seed)
+        return label_term_support(label_offsets, label_ids, term_offsets, term_ids, term_values, self.num_labels,
+                                  len(self.lexical_vocabulary), max_terms)
 
     def _label_state(self) -> tuple[list[str], np.ndarray, int]:
         if self._labels is None:

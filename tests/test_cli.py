@@ -256,18 +256,19 @@ def test_lexical_channel_end_to_end_and_predictor_featurizes_like_the_cache(tiny
     args = base_args(tiny_data, tiny_encoder_dir, tmp_path, "--data.lexical_features", "40",
                      "--data.lexical_min_df", "1", "--model.encoder.lexical_dim", "12",
                      "--model.encoder.trainable_layers", "0", "--model.encoder.lexical_lr", "0.05",
-                     "--model.lexical_fan_in", "3")
+                     "--model.lexical_terms", "3")
     run = cli(["fit", *args, "--trainer.max_epochs", "6"])
     model, data = run.model, run.datamodule
     assert model.hparams.num_lexical_features == data.num_lexical_features == model.encoder.lexical.keys.numel()
     assert model.encoder.lexical.vocabulary().kept.tolist() == data.lexical_vocabulary.kept.tolist()
     groups = {g["name"]: g for g in run.trainer.optimizers[0].param_groups}
     assert groups["lexical"]["params"] == [model.encoder.lexical.bag.weight]
-    # the lexical head starts at the labels' strongest training terms and keeps them (DST leaves it alone)
-    layer = model.lexical_head.layer
-    assert groups["lexical_head"]["params"] == [layer.weight]
-    assert layer.indices.tolist() == data.label_term_profiles(3, seed=model.hparams.seed)[0].tolist()
-    assert int(layer.topology_version) == 1 and bool(model.lexical_head.initialised)
+    # the lexical head reads the labels' strongest training terms and keeps them (DST leaves it alone)
+    lexical_head = model.lexical_head
+    assert groups["lexical_head"]["params"] == [lexical_head.weight, lexical_head.bias]
+    term_ptr, rows, _ = data.label_term_support(3)
+    assert lexical_head.term_ptr.tolist() == term_ptr.tolist() and lexical_head.labels.tolist() == rows.tolist()
+    assert bool(lexical_head.initialised)
     assert model.encoder.lexical.bag.weight not in groups["encoder"]["params"] + groups["encoder_no_decay"]["params"]
     best = run.trainer.checkpoint_callback.best_model_path
 

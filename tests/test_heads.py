@@ -85,25 +85,58 @@ def test_a_head_without_optimizer_settings_is_refused():
                   num_features=20, head=lambda features, labels, generator: nn.Linear(features, labels))
 
 
-def test_lexical_head_scores_the_tfidf_rows_by_each_labels_profile_and_dst_skips_it():
+def _random_support(features: int, labels: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A term-major support (every label on a random set of terms, some terms with no label) and its dense weights."""
+    dense = torch.zeros(labels, features)
+    for label in range(labels):
+        chosen = torch.randperm(features, generator=g)[:int(torch.randint(1, 6, (1,), generator=g))]
+        dense[label, chosen] = torch.rand(chosen.numel(), generator=g) + 0.1
+    terms, rows = dense.T.nonzero(as_tuple=True)  # term-major, labels ascending within a term
+    term_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(terms, minlength=features).cumsum(0)])
+    return term_ptr, rows.int(), dense.T[terms, rows], dense
+
+
+def test_lexical_head_is_the_dense_linear_model_on_its_support_and_dst_skips_it():
     from callbacks.dst import find_sparse_layers
     from xmc_dst.heads import LexicalHead
 
     g = torch.Generator().manual_seed(0)
-    features, labels, fan_in = 30, 7, 4
-    head = LexicalHead(features, labels, fan_in, generator=g)
-    indices = torch.stack([torch.randperm(features, generator=g)[:fan_in].sort().values for _ in range(labels)])
-    values = torch.rand(labels, fan_in, generator=g)
-    head.set_profiles(indices, values)
+    features, labels = 30, 7
+    head = LexicalHead(features, labels, max_terms=5)
+    term_ptr, rows, values, dense = _random_support(features, labels, g)
+    head.set_support(term_ptr, rows, values)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn(labels, generator=g))
     batch = {"lexical_ids": torch.tensor([3, 7, 19, 7, 0, 29]), "lexical_values": torch.rand(6, generator=g),
              "lexical_offsets": torch.tensor([0, 3, 3, 6])}  # the middle document has no term
-    dense = torch.zeros(3, features)
+    x = torch.zeros(3, features)
     for row in range(3):
         for j in range(int(batch["lexical_offsets"][row]), int(batch["lexical_offsets"][row + 1])):
-            dense[row, batch["lexical_ids"][j]] = batch["lexical_values"][j]
-    expected = torch.stack([torch.stack([(values[label] * dense[row, indices[label]]).sum() for label in range(labels)])
-                            for row in range(3)])
-    torch.testing.assert_close(head(batch), expected)
+            x[row, batch["lexical_ids"][j]] += batch["lexical_values"][j]
+    torch.testing.assert_close(head(batch), x @ dense.T + head.bias)
+    upstream = torch.randn(3, labels, generator=g)
+    head(batch).backward(upstream)
+    dense_grad = upstream.T @ x  # d/dW of the dense model, read at the support (term-major)
+    torch.testing.assert_close(head.weight.grad, dense_grad.T[dense.T != 0])
+    torch.testing.assert_close(head.bias.grad, upstream.sum(0))
     assert bool(head.initialised) and find_sparse_layers(nn.Sequential(head)) == []
-    with pytest.raises(ValueError, match="shape"):
-        head.set_profiles(indices[:, :2], values[:, :2])
+    with pytest.raises(ValueError, match="term_ptr"):
+        head.set_support(term_ptr[:-1], rows, values)
+    with pytest.raises(ValueError, match="labels must lie"):
+        head.set_support(term_ptr, rows + labels, values)
+    with pytest.raises(ValueError, match="lexical ids"):
+        head({"lexical_ids": torch.tensor([features]), "lexical_values": torch.ones(1),
+              "lexical_offsets": torch.tensor([0, 1])})
+
+
+def test_lexical_head_state_dict_round_trip_adopts_the_saved_support_size():
+    from xmc_dst.heads import LexicalHead
+
+    g = torch.Generator().manual_seed(1)
+    trained = LexicalHead(20, 6, max_terms=5)
+    trained.set_support(*_random_support(20, 6, g)[:3])
+    fresh = LexicalHead(20, 6, max_terms=5)  # empty support, as a model built before loading a checkpoint
+    fresh.load_state_dict(trained.state_dict())
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    assert fresh.weight.numel() == trained.labels.numel() > 0

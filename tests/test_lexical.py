@@ -166,15 +166,15 @@ def test_lazy_adamw_matches_sparse_adam_and_leaves_untouched_rows() -> None:
     assert torch.equal(decayed.weight[3:], before[3:]) and not torch.equal(decayed.weight[2], before[2])
 
 
-def test_label_term_profiles_are_the_top_terms_of_each_labels_centroid():
-    from xmc_dst.lexical import label_term_profiles
+def test_label_term_support_is_each_labels_strongest_cooccurring_terms_term_major():
+    from xmc_dst.lexical import label_term_support
 
     rng = np.random.default_rng(0)
-    docs, labels, terms_count, fan_in = 60, 9, 40, 5
+    docs, labels, terms_count, max_terms = 60, 9, 40, 5
     label_rows = [rng.choice(labels, size=rng.integers(0, 4), replace=False) for _ in range(docs)]
     term_rows = [rng.choice(terms_count, size=rng.integers(1, 8), replace=False) for _ in range(docs)]
     value_rows = [rng.random(len(t)).astype(np.float32) for t in term_rows]
-    label_rows[0] = np.array([8])  # label 8: one document only, fewer terms than fan_in unless lucky
+    label_rows[0] = np.array([8])  # label 8: one document only, fewer terms than max_terms
     for d in range(1, docs):
         label_rows[d] = label_rows[d][label_rows[d] != 8]
     term_rows[0], value_rows[0] = np.array([3, 17]), np.array([0.5, 0.25], dtype=np.float32)
@@ -183,22 +183,25 @@ def test_label_term_profiles_are_the_top_terms_of_each_labels_centroid():
         return np.cumsum([0] + [len(r) for r in rows]), np.concatenate(rows)
 
     (lo, li), (to, ti), tv = csr(label_rows), csr(term_rows), np.concatenate(value_rows)
-    # brute force: the dense centroid sums, their top fan_in, normalised
+    # brute force: the dense centroid sums; each label keeps its max_terms largest (ties by term), normalised
     dense = np.zeros((labels, terms_count))
     for d in range(docs):
         for label in label_rows[d]:
             dense[label, term_rows[d]] += value_rows[d]
+    expected = np.zeros_like(dense)
+    for label in range(labels):
+        top = np.argsort(-dense[label], kind="stable")[:max_terms]
+        top = top[dense[label, top] > 0]
+        expected[label, top] = dense[label, top] / np.linalg.norm(dense[label, top])
     for max_pairs in (1 << 25, 7):  # one block, and many small blocks
-        indices, values = label_term_profiles(lo, li, to, ti, tv, labels, terms_count, fan_in, max_pairs=max_pairs)
-        assert indices.shape == values.shape == (labels, fan_in)
-        for label in range(labels):
-            row = indices[label]
-            assert (np.diff(row) > 0).all()  # sorted, distinct
-            nonzero = values[label] > 0
-            top = np.argsort(-dense[label], kind="stable")[:fan_in]
-            top = top[dense[label, top] > 0]
-            assert sorted(row[nonzero].tolist()) == sorted(top.tolist())
-            expected = dense[label, row] / np.linalg.norm(dense[label, top])
-            np.testing.assert_allclose(values[label], expected, rtol=1e-5)
-    assert set(indices[8][values[8] > 0].tolist()) == {3, 17}
-    np.testing.assert_allclose(values[8][values[8] > 0], np.array([0.5, 0.25]) / np.hypot(0.5, 0.25), rtol=1e-6)
+        term_ptr, rows, values = label_term_support(lo, li, to, ti, tv, labels, terms_count, max_terms,
+                                                    max_pairs=max_pairs)
+        assert term_ptr.shape == (terms_count + 1,) and term_ptr[0] == 0 and term_ptr[-1] == rows.size == values.size
+        got = np.zeros_like(dense)
+        for term in range(terms_count):
+            span = rows[term_ptr[term]:term_ptr[term + 1]]
+            assert (np.diff(span) > 0).all()  # labels ascending, distinct within a term
+            got[span, term] = values[term_ptr[term]:term_ptr[term + 1]]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert set(np.flatnonzero(got[8]).tolist()) == {3, 17}
+    assert (np.count_nonzero(got, axis=1) <= max_terms).all() and np.count_nonzero(got, axis=1).max() == max_terms

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from xmc_dst.clusters import load_cluster_file
 from xmc_dst.grouped import GroupedFanInLinear, GroupedImpl, group_positions
 from xmc_dst.optim import ALGORITHMS, SCHEDULES, STATE_DTYPES, Algorithm, Schedule
-from xmc_dst.sparse import FixedFanInLinear, Impl
+from xmc_dst.sparse import FixedFanInLinear, Impl, expand_ranges
 
 __all__ = ["DenseHead", "FixedFanInHead", "GroupedFanInHead", "HeadFactory", "HeadOptimizer", "InputTooNarrow",
            "LexicalHead"]
@@ -160,38 +160,73 @@ class LexicalHead(nn.Module):
 
     The main head sees the lexical features only through the encoder's projection and the intermediate layer, a
     bottleneck where a rare label's identifying word (a package name, a file name) blurs with the rest. This head
-    is the sparse linear model the tree-based peers learn: every label reads ``fan_in`` of the lexical features with
-    its own weights, a fixed fan-in layer whose connections start at the label's strongest terms over its training
-    documents (:func:`xmc_dst.lexical.label_term_profiles`, set by the model from the DataModule before training)
-    with those centroid values as weights. Its topology comes from the data, so dynamic sparse training leaves it
-    alone (``static_topology``). The batch's TF-IDF rows stay sparse (:meth:`FixedFanInLinear.forward_sparse`): the
-    cost is the number of connections the batch's terms feed, not ``batch * num_labels * fan_in``.
+    is the sparse linear model the tree-based peers learn: every label reads the terms of its training documents (at
+    most ``max_terms``, :func:`xmc_dst.lexical.label_term_support`, set by the model from the DataModule before
+    training) with its own weights, started at its centroid, plus a bias (the label's prior, started at the
+    squared hinge's negative target -1). A frequent label reads hundreds of terms, a rare one a few: a fixed
+    fan-in would starve the first or pad the second. Its topology comes from the data, so dynamic sparse training
+    leaves it alone (it is no fixed fan-in layer). The batch's TF-IDF rows stay sparse: the cost is the number of
+    connections the batch's terms feed, not ``batch * num_labels``.
+
+    The support is stored term-major: ``term_ptr`` [num_features + 1] row pointers, ``labels`` (int32) the label of
+    each connection, ``weight`` its value; checkpoints carry all three (loading adopts the saved support's size).
     """
 
-    def __init__(self, num_features: int, num_labels: int, fan_in: int,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(self, num_features: int, num_labels: int, max_terms: int) -> None:
         super().__init__()
-        if not 1 <= fan_in <= num_features:
-            raise ValueError(f"lexical_fan_in must be between 1 and the {num_features} lexical features, got {fan_in}")
-        self.layer = FixedFanInLinear(num_features, num_labels, fan_in, bias=False, generator=generator)
-        self.layer.static_topology = True
-        nn.init.zeros_(self.layer.weight)
+        if max_terms < 1:
+            raise ValueError(f"lexical_terms must be at least 1, got {max_terms}")
+        self.num_features, self.num_labels, self.max_terms = int(num_features), int(num_labels), int(max_terms)
+        self.weight = nn.Parameter(torch.zeros(0))
+        self.bias = nn.Parameter(torch.full((num_labels,), -1.0))
+        self.register_buffer("term_ptr", torch.zeros(num_features + 1, dtype=torch.int64))
+        self.register_buffer("labels", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def set_profiles(self, indices: Tensor, values: Tensor) -> None:
-        """Start every label at ``indices`` [num_labels, fan_in] (sorted, distinct per row) with weights ``values``."""
-        layer = self.layer
-        if indices.shape != layer.indices.shape or values.shape != layer.weight.shape:
-            raise ValueError(f"expected profiles of shape {tuple(layer.indices.shape)}, got {tuple(indices.shape)} "
-                             f"and {tuple(values.shape)}")
-        layer.indices.copy_(indices.to(layer.indices.dtype))
-        layer.weight.copy_(values.to(layer.weight.dtype))
-        layer.topology_version += 1
+    def set_support(self, term_ptr: Tensor, labels: Tensor, values: Tensor) -> None:
+        """Connect term ``t`` to ``labels[term_ptr[t]:term_ptr[t + 1]]`` with weights ``values`` (term-major)."""
+        nnz = labels.numel()
+        if term_ptr.shape != (self.num_features + 1,) or values.shape != (nnz,) or labels.dim() != 1:
+            raise ValueError(f"expected term_ptr of shape ({self.num_features + 1},) and labels, values of one equal "
+                             f"length, got {tuple(term_ptr.shape)}, {tuple(labels.shape)}, {tuple(values.shape)}")
+        if int(term_ptr[0]) != 0 or int(term_ptr[-1]) != nnz or bool((term_ptr.diff() < 0).any()):
+            raise ValueError(f"term_ptr must rise from 0 to the {nnz} connections")
+        if nnz and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
+            raise ValueError(f"labels must lie in [0, {self.num_labels})")
+        device = self.bias.device
+        self.weight = nn.Parameter(values.to(device=device, dtype=self.bias.dtype).clone())
+        self.term_ptr = term_ptr.to(device=device, dtype=torch.int64).clone()
+        self.labels = labels.to(device=device, dtype=torch.int32).clone()
         self.initialised.fill_(True)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """Adopt the saved support's size (the fresh module's support is empty until set)."""
+        saved = state_dict.get(prefix + "labels")
+        if saved is not None and saved.shape != self.labels.shape:
+            self.weight = nn.Parameter(self.weight.new_zeros(saved.shape))
+            self.labels = self.labels.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        return self.layer.forward_sparse(batch["lexical_offsets"], batch["lexical_ids"], batch["lexical_values"])
+        offsets, ids = batch["lexical_offsets"], batch["lexical_ids"].long()
+        values = batch["lexical_values"].to(self.weight.dtype)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_features):
+            raise ValueError(f"lexical ids must lie in [0, {self.num_features}), got {int(ids.min())}.."
+                             f"{int(ids.max())}")
+        rows = offsets.numel() - 1
+        starts, counts = self.term_ptr[ids], self.term_ptr[ids + 1] - self.term_ptr[ids]
+        connection = expand_ranges(starts, counts)  # every connection the batch's terms feed
+        occurrence = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts)
+        row = torch.repeat_interleave(torch.arange(rows, device=ids.device), offsets.diff().long())
+        target = row[occurrence] * self.num_labels + self.labels[connection].long()
+        contribution = values[occurrence] * self.weight[connection]
+        out = torch.zeros(rows * self.num_labels, dtype=self.weight.dtype, device=self.weight.device)
+        return out.index_add(0, target, contribution).view(rows, self.num_labels) + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"num_features={self.num_features}, num_labels={self.num_labels}, max_terms={self.max_terms}, "
+                f"connections={self.labels.numel()}")
 
 
 class DenseHead(nn.Linear):

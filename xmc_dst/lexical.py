@@ -154,27 +154,30 @@ def _expand(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return starts + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
-def label_term_profiles(label_offsets: np.ndarray, label_ids: np.ndarray, term_offsets: np.ndarray,
-                        term_ids: np.ndarray, term_values: np.ndarray, num_labels: int, num_terms: int,
-                        fan_in: int, seed: int = 0, max_pairs: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
-    """Each label's ``fan_in`` strongest terms: the largest entries of the sum of its training documents' TF-IDF
-    vectors (a label centroid, the classic start of a linear text classifier), L2-normalised per label.
+def label_term_support(label_offsets: np.ndarray, label_ids: np.ndarray, term_offsets: np.ndarray,
+                       term_ids: np.ndarray, term_values: np.ndarray, num_labels: int, num_terms: int,
+                       max_terms: int, max_pairs: int = 1 << 25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every label's co-occurring terms (at most ``max_terms``, the strongest) and their centroid weights.
 
-    Documents are CSR rows of labels and of (term, value). Returns ``indices`` [num_labels, fan_in] (sorted, distinct
-    per row) and ``values`` (float32). A label with fewer distinct terms (or no document) fills its remaining slots
-    with distinct random terms (``seed``) at weight 0. The work is done a block of labels at a time, each block
+    A label's weight on a term is the sum of the term's TF-IDF values over the label's training documents (the
+    label's centroid, the classic start of a linear text classifier), L2-normalised per label; only terms that occur
+    in at least one of its documents are kept, at most ``max_terms`` of them (largest sums first, ties by term id).
+    So a frequent label reads as many terms as its documents use and a rare one a handful: the support of a linear
+    model trained on sparse features, whose weights away from its positives' terms stay near zero.
+
+    Documents are CSR rows of labels and of (term, value). Returns the support term-major: ``term_ptr``
+    [num_terms + 1] (int64; term ``t``'s connections are ``term_ptr[t]:term_ptr[t + 1]``), ``labels`` (int32,
+    ascending within a term) and ``values`` (float32). The work is done a block of labels at a time, each block
     holding at most ``max_pairs`` (label, document term) pairs, so memory stays bounded on large data.
     """
-    if not 1 <= fan_in <= num_terms:
-        raise ValueError(f"fan_in must be between 1 and the {num_terms} lexical features, got {fan_in}")
+    if max_terms < 1:
+        raise ValueError(f"max_terms must be at least 1, got {max_terms}")
     label_offsets, term_offsets = label_offsets.astype(np.int64), term_offsets.astype(np.int64)
     docs = np.repeat(np.arange(label_offsets.size - 1), np.diff(label_offsets))
     order = np.argsort(label_ids, kind="stable")
     occ_labels, occ_docs = label_ids[order].astype(np.int64), docs[order]
     pair_counts = np.cumsum(np.diff(term_offsets)[occ_docs])
-    indices = np.zeros((num_labels, fan_in), dtype=np.int64)
-    values = np.zeros((num_labels, fan_in), dtype=np.float32)
-    filled = np.zeros(num_labels, dtype=np.int64)
+    kept_labels, kept_terms, kept_values = [], [], []
     start = 0
     while start < occ_labels.size:  # label blocks: whole labels, about max_pairs pairs each
         stop = int(np.searchsorted(pair_counts, (pair_counts[start - 1] if start else 0) + max_pairs, "right"))
@@ -185,30 +188,19 @@ def label_term_profiles(label_offsets: np.ndarray, label_ids: np.ndarray, term_o
         keys, inverse = np.unique(labels * num_terms + term_ids[positions].astype(np.int64), return_inverse=True)
         sums = np.bincount(inverse, weights=term_values[positions].astype(np.float64))
         key_labels, key_terms = keys // num_terms, keys % num_terms
-        best = np.lexsort((-sums, key_labels))  # by label, strongest first
+        best = np.lexsort((key_terms, -sums, key_labels))  # by label, strongest first, ties by term
         key_labels, key_terms, sums = key_labels[best], key_terms[best], sums[best]
-        first = np.searchsorted(key_labels, key_labels, "left")
-        rank = np.arange(key_labels.size) - first
-        keep = rank < fan_in
-        indices[key_labels[keep], rank[keep]] = key_terms[keep]
-        values[key_labels[keep], rank[keep]] = sums[keep]
-        np.maximum.at(filled, key_labels[keep], rank[keep] + 1)
+        rank = np.arange(key_labels.size) - np.searchsorted(key_labels, key_labels, "left")
+        keep = (rank < max_terms) & (sums > 0)
+        kept_labels.append(key_labels[keep])
+        kept_terms.append(key_terms[keep])
+        kept_values.append(sums[keep])
         start = stop
-    norms = np.linalg.norm(values, axis=1, keepdims=True)
-    np.divide(values, norms, out=values, where=norms > 0)
-    _fill_and_sort(indices, values, filled, num_terms, np.random.default_rng(seed))
-    return indices, values
-
-
-def _fill_and_sort(indices: np.ndarray, values: np.ndarray, filled: np.ndarray, num_terms: int,
-                   rng: np.random.Generator) -> None:
-    """Give rows with fewer than ``fan_in`` terms distinct random extra terms (weight 0); sort every row."""
-    fan_in = indices.shape[1]
-    for row in np.flatnonzero(filled < fan_in):
-        have = indices[row, :filled[row]]
-        extra = rng.choice(num_terms, size=min(num_terms, fan_in + have.size), replace=False)
-        extra = extra[~np.isin(extra, have)][:fan_in - have.size]
-        indices[row, filled[row]:] = extra
-    order = np.argsort(indices, axis=1, kind="stable")
-    indices[:] = np.take_along_axis(indices, order, 1)
-    values[:] = np.take_along_axis(values, order, 1)
+    labels = np.concatenate(kept_labels) if kept_labels else np.zeros(0, dtype=np.int64)
+    terms_ = np.concatenate(kept_terms) if kept_terms else np.zeros(0, dtype=np.int64)
+    values = np.concatenate(kept_values) if kept_values else np.zeros(0)
+    norms = np.sqrt(np.bincount(labels, weights=values * values, minlength=num_labels))
+    values = values / norms[labels]
+    order = np.lexsort((labels, terms_))  # term-major, labels ascending within a term
+    term_ptr = np.concatenate([[0], np.cumsum(np.bincount(terms_, minlength=num_terms))]).astype(np.int64)
+    return term_ptr, labels[order].astype(np.int32), values[order].astype(np.float32)

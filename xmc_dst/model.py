@@ -198,9 +198,9 @@ class XMCModule(L.LightningModule):
             labels and the seeded generator. Default: ``FixedFanInHead`` with its defaults. A head whose arguments
             do not fit its input width (``fan_in`` above it) fails at construction.
         intermediate_dim: width of a dense layer between the encoder and the head (0: none).
-        lexical_fan_in: with lexical features in the data, a :class:`~xmc_dst.heads.LexicalHead` whose labels read
-            this many TF-IDF features each, started at their strongest training terms, its scores added to the
-            head's (0: none).
+        lexical_terms: with lexical features in the data, a :class:`~xmc_dst.heads.LexicalHead` whose labels read
+            the TF-IDF features of their training documents, at most this many each (the strongest), started at
+            their centroids, its scores added to the head's (0: none).
         lexical_head_lr: its learning rate (AdamW, no weight decay; default: the head's).
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
@@ -236,7 +236,7 @@ class XMCModule(L.LightningModule):
         head: HeadFactory | None = None,
         intermediate_dim: int = 0,
         intermediate_activation: Activation = "identity",
-        lexical_fan_in: int = 0,
+        lexical_terms: int = 0,
         lexical_head_lr: float | None = None,
         aux_clusters: int = 0,
         aux_cluster_file: str | None = None,
@@ -287,14 +287,14 @@ class XMCModule(L.LightningModule):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.head = self._build_head(head, features, num_labels, generator, intermediate_dim)
         self.lexical_head: LexicalHead | None = None
-        if lexical_fan_in:
+        if lexical_terms:
             if not num_lexical_features:
-                raise ValueError(f"lexical_fan_in={lexical_fan_in} needs lexical features from the data: set the "
-                                 "DataModule's lexical_features, or lexical_fan_in 0")
+                raise ValueError(f"lexical_terms={lexical_terms} needs lexical features from the data: set the "
+                                 "DataModule's lexical_features, or lexical_terms 0")
             if getattr(self.encoder, "lexical", None) is None:
-                raise ValueError(f"lexical_fan_in={lexical_fan_in} needs the encoder's lexical projection (its "
+                raise ValueError(f"lexical_terms={lexical_terms} needs the encoder's lexical projection (its "
                                  "lexical_dim > 0), which carries the TF-IDF vocabulary into checkpoints")
-            self.lexical_head = LexicalHead(int(num_lexical_features), num_labels, lexical_fan_in, generator)
+            self.lexical_head = LexicalHead(int(num_lexical_features), num_labels, lexical_terms)
 
         self.aux_alpha: float = 0.0
         self._clusters_pending = False
@@ -513,9 +513,8 @@ class XMCModule(L.LightningModule):
             if lexical is not None and vocabulary is not None:
                 lexical.set_vocabulary(vocabulary)
             if stage == "fit" and self.lexical_head is not None and not bool(self.lexical_head.initialised):
-                indices, values = datamodule.label_term_profiles(self.lexical_head.layer.fan_in,
-                                                                 seed=self.hparams.seed or 0)
-                self.lexical_head.set_profiles(torch.from_numpy(indices), torch.from_numpy(values))
+                support = datamodule.label_term_support(self.lexical_head.max_terms)
+                self.lexical_head.set_support(*(torch.from_numpy(array) for array in support))
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
                 inv_propensity = inverse_propensity(
                     datamodule.train_label_counts, datamodule.num_train_docs,

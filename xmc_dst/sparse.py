@@ -234,7 +234,7 @@ class _EmbeddingBagFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _expand_ranges(starts: Tensor, counts: Tensor) -> Tensor:
+def expand_ranges(starts: Tensor, counts: Tensor) -> Tensor:
     """Positions ``starts[i] .. starts[i] + counts[i]`` of every ``i``, concatenated (int64)."""
     total = int(counts.sum())
     first = torch.repeat_interleave(starts - counts.cumsum(0) + counts, counts, output_size=total)
@@ -252,7 +252,7 @@ class _SparseInputFunction(torch.autograd.Function):
         ids = ids.long()
         starts, counts = ptr[ids], ptr[ids + 1] - ptr[ids]
         pair = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts)
-        positions = _expand_ranges(starts, counts)
+        positions = expand_ranges(starts, counts)
         connection = transposed.order.index_select(0, positions)  # into weight.view(-1)
         row = torch.repeat_interleave(torch.arange(num_rows, device=ids.device), offsets.diff().long())
         target = row.index_select(0, pair) * num_out + transposed.rows.index_select(0, positions)  # into out.view(-1)
