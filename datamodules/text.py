@@ -292,9 +292,10 @@ class TokenizedTextDataModule(XMCDataModule):
         vocabulary = self.lexical_vocabulary
         return len(vocabulary) if vocabulary is not None else None
 
-    def label_term_support(self, max_terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each label's lexical features over the training documents (validation held out), at most ``max_terms``:
-        see :func:`xmc_dst.lexical.label_term_support`."""
+    def label_term_support(self, max_terms: int, max_connections: int | None = None,
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each label's lexical features over the training documents (validation held out), at most ``max_terms``
+        (and ``max_connections`` in all): see :func:`xmc_dst.lexical.label_term_support`."""
         if self.lexical_settings is None:
             raise ValueError("label term profiles need lexical features: set lexical_features")
         self._open_train()
@@ -310,7 +311,7 @@ class TokenizedTextDataModule(XMCDataModule):
         term_offsets, term_ids = csr("lexical_ids")
         _, term_values = csr("lexical_values")
         return label_term_support(label_offsets, label_ids, term_offsets, term_ids, term_values, self.num_labels,
-                                  len(self.lexical_vocabulary), max_terms)
+                                  len(self.lexical_vocabulary), max_terms, max_connections)
 
     def _label_state(self) -> tuple[list[str], np.ndarray, int]:
         if self._labels is None:

@@ -205,3 +205,11 @@ def test_label_term_support_is_each_labels_strongest_cooccurring_terms_term_majo
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert set(np.flatnonzero(got[8]).tolist()) == {3, 17}
     assert (np.count_nonzero(got, axis=1) <= max_terms).all() and np.count_nonzero(got, axis=1).max() == max_terms
+    # a connection budget: the largest per-label cap whose support fits it, found by trying every cap
+    distinct = np.count_nonzero(dense, axis=1)
+    for budget in (distinct.sum(), 20, 9):
+        cap = max(k for k in range(1, distinct.max() + 1) if np.minimum(distinct, k).sum() <= budget or k == 1)
+        _, rows, _ = label_term_support(lo, li, to, ti, tv, labels, terms_count, 10**6, max_connections=int(budget))
+        per_label = np.bincount(rows, minlength=labels)
+        np.testing.assert_array_equal(per_label, np.minimum(distinct, cap))
+        assert rows.size <= budget or cap == 1

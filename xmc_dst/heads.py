@@ -161,22 +161,24 @@ class LexicalHead(nn.Module):
     The main head sees the lexical features only through the encoder's projection and the intermediate layer, a
     bottleneck where a rare label's identifying word (a package name, a file name) blurs with the rest. This head
     is the sparse linear model the tree-based peers learn: every label reads the terms of its training documents (at
-    most ``max_terms``, :func:`xmc_dst.lexical.label_term_support`, set by the model from the DataModule before
-    training) with its own weights, started at its centroid, plus a bias (the label's prior, started at the
-    squared hinge's negative target -1). A frequent label reads hundreds of terms, a rare one a few: a fixed
-    fan-in would starve the first or pad the second. Its topology comes from the data, so dynamic sparse training
-    leaves it alone (it is no fixed fan-in layer). The batch's TF-IDF rows stay sparse: the cost is the number of
-    connections the batch's terms feed, not ``batch * num_labels``.
+    most ``max_terms``, and at most ``max_connections`` in all: :func:`xmc_dst.lexical.label_term_support`, set by
+    the model from the DataModule before training) with its own weights, started at its centroid, plus a bias (the
+    label's prior, started at the squared hinge's negative target -1). A frequent label reads hundreds of terms, a
+    rare one a few: a fixed fan-in would starve the first or pad the second. Its topology comes from the data, so
+    dynamic sparse training leaves it alone (it is no fixed fan-in layer). The batch's TF-IDF rows stay sparse: the
+    cost is the number of connections the batch's terms feed, not ``batch * num_labels``.
 
     The support is stored term-major: ``term_ptr`` [num_features + 1] row pointers, ``labels`` (int32) the label of
     each connection, ``weight`` its value; checkpoints carry all three (loading adopts the saved support's size).
     """
 
-    def __init__(self, num_features: int, num_labels: int, max_terms: int) -> None:
+    def __init__(self, num_features: int, num_labels: int, max_terms: int, max_connections: int | None = None) -> None:
         super().__init__()
-        if max_terms < 1:
-            raise ValueError(f"lexical_terms must be at least 1, got {max_terms}")
+        if max_terms < 1 or (max_connections is not None and max_connections < 1):
+            raise ValueError(f"lexical_terms and lexical_connections must be at least 1, got {max_terms}, "
+                             f"{max_connections}")
         self.num_features, self.num_labels, self.max_terms = int(num_features), int(num_labels), int(max_terms)
+        self.max_connections = max_connections
         self.weight = nn.Parameter(torch.zeros(0))
         self.bias = nn.Parameter(torch.full((num_labels,), -1.0))
         self.register_buffer("term_ptr", torch.zeros(num_features + 1, dtype=torch.int64))

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -154,32 +154,19 @@ def _expand(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return starts + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
-def label_term_support(label_offsets: np.ndarray, label_ids: np.ndarray, term_offsets: np.ndarray,
-                       term_ids: np.ndarray, term_values: np.ndarray, num_labels: int, num_terms: int,
-                       max_terms: int, max_pairs: int = 1 << 25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every label's co-occurring terms (at most ``max_terms``, the strongest) and their centroid weights.
-
-    A label's weight on a term is the sum of the term's TF-IDF values over the label's training documents (the
-    label's centroid, the classic start of a linear text classifier), L2-normalised per label; only terms that occur
-    in at least one of its documents are kept, at most ``max_terms`` of them (largest sums first, ties by term id).
-    So a frequent label reads as many terms as its documents use and a rare one a handful: the support of a linear
-    model trained on sparse features, whose weights away from its positives' terms stay near zero.
-
-    Documents are CSR rows of labels and of (term, value). Returns the support term-major: ``term_ptr``
-    [num_terms + 1] (int64; term ``t``'s connections are ``term_ptr[t]:term_ptr[t + 1]``), ``labels`` (int32,
-    ascending within a term) and ``values`` (float32). The work is done a block of labels at a time, each block
-    holding at most ``max_pairs`` (label, document term) pairs, so memory stays bounded on large data.
-    """
-    if max_terms < 1:
-        raise ValueError(f"max_terms must be at least 1, got {max_terms}")
+def _label_term_sums(label_offsets: np.ndarray, label_ids: np.ndarray, term_offsets: np.ndarray,
+                     term_ids: np.ndarray, term_values: np.ndarray, num_terms: int,
+                     max_pairs: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per block of whole labels (about ``max_pairs`` (label, document term) pairs each): every co-occurring
+    (label, term) with its TF-IDF sum over the label's documents, ordered by label then strongest first (ties by
+    term), with its rank within the label: ``(labels, terms, sums, rank)``."""
     label_offsets, term_offsets = label_offsets.astype(np.int64), term_offsets.astype(np.int64)
     docs = np.repeat(np.arange(label_offsets.size - 1), np.diff(label_offsets))
     order = np.argsort(label_ids, kind="stable")
     occ_labels, occ_docs = label_ids[order].astype(np.int64), docs[order]
     pair_counts = np.cumsum(np.diff(term_offsets)[occ_docs])
-    kept_labels, kept_terms, kept_values = [], [], []
     start = 0
-    while start < occ_labels.size:  # label blocks: whole labels, about max_pairs pairs each
+    while start < occ_labels.size:
         stop = int(np.searchsorted(pair_counts, (pair_counts[start - 1] if start else 0) + max_pairs, "right"))
         stop = max(stop, start + 1)
         stop = int(np.searchsorted(occ_labels, occ_labels[stop - 1], "right"))  # end on a label boundary
@@ -187,18 +174,60 @@ def label_term_support(label_offsets: np.ndarray, label_ids: np.ndarray, term_of
         labels = np.repeat(occ_labels[start:stop], np.diff(term_offsets)[occ_docs[start:stop]])
         keys, inverse = np.unique(labels * num_terms + term_ids[positions].astype(np.int64), return_inverse=True)
         sums = np.bincount(inverse, weights=term_values[positions].astype(np.float64))
+        keep = sums > 0
+        keys, sums = keys[keep], sums[keep]
         key_labels, key_terms = keys // num_terms, keys % num_terms
-        best = np.lexsort((key_terms, -sums, key_labels))  # by label, strongest first, ties by term
+        best = np.lexsort((key_terms, -sums, key_labels))
         key_labels, key_terms, sums = key_labels[best], key_terms[best], sums[best]
-        rank = np.arange(key_labels.size) - np.searchsorted(key_labels, key_labels, "left")
-        keep = (rank < max_terms) & (sums > 0)
-        kept_labels.append(key_labels[keep])
-        kept_terms.append(key_terms[keep])
-        kept_values.append(sums[keep])
+        yield key_labels, key_terms, sums, np.arange(key_labels.size) - np.searchsorted(key_labels, key_labels)
         start = stop
-    labels = np.concatenate(kept_labels) if kept_labels else np.zeros(0, dtype=np.int64)
-    terms_ = np.concatenate(kept_terms) if kept_terms else np.zeros(0, dtype=np.int64)
-    values = np.concatenate(kept_values) if kept_values else np.zeros(0)
+
+
+def terms_per_label_within(counts: np.ndarray, max_connections: int) -> int:
+    """The largest ``k`` with ``sum(min(counts, k)) <= max_connections`` (at least 1): the per-label cap that fits a
+    budget while cutting only the labels with the most terms."""
+    ordered = np.sort(counts)
+    low, high = 1, max(1, int(ordered[-1]) if ordered.size else 1)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if int(np.minimum(ordered, mid).sum()) <= max_connections:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def label_term_support(label_offsets: np.ndarray, label_ids: np.ndarray, term_offsets: np.ndarray,
+                       term_ids: np.ndarray, term_values: np.ndarray, num_labels: int, num_terms: int,
+                       max_terms: int, max_connections: int | None = None,
+                       max_pairs: int = 1 << 25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every label's co-occurring terms (at most ``max_terms``, the strongest) and their centroid weights.
+
+    A label's weight on a term is the sum of the term's TF-IDF values over the label's training documents (the
+    label's centroid, the classic start of a linear text classifier), L2-normalised per label; only terms that occur
+    in at least one of its documents are kept, at most ``max_terms`` of them (largest sums first, ties by term id).
+    So a frequent label reads as many terms as its documents use and a rare one a handful: the support of a linear
+    model trained on sparse features, whose weights away from its positives' terms stay near zero. With
+    ``max_connections``, the per-label cap is lowered until the whole support fits it
+    (:func:`terms_per_label_within`: only the labels with the most terms are cut), so memory is bounded on any data.
+
+    Documents are CSR rows of labels and of (term, value). Returns the support term-major: ``term_ptr``
+    [num_terms + 1] (int64; term ``t``'s connections are ``term_ptr[t]:term_ptr[t + 1]``), ``labels`` (int32,
+    ascending within a term) and ``values`` (float32). The work is done a block of labels at a time, each block
+    holding at most ``max_pairs`` (label, document term) pairs (a second pass counts first when a budget is given).
+    """
+    if max_terms < 1 or (max_connections is not None and max_connections < 1):
+        raise ValueError(f"max_terms and max_connections must be at least 1, got {max_terms}, {max_connections}")
+    arrays = (label_offsets, label_ids, term_offsets, term_ids, term_values, num_terms, max_pairs)
+    if max_connections is not None:
+        counts = np.zeros(num_labels, dtype=np.int64)
+        for labels, _, _, rank in _label_term_sums(*arrays):
+            np.add.at(counts, labels[rank < max_terms], 1)
+        max_terms = min(max_terms, terms_per_label_within(counts, max_connections))
+    kept = [(labels[rank < max_terms], terms[rank < max_terms], sums[rank < max_terms])
+            for labels, terms, sums, rank in _label_term_sums(*arrays)]
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+    labels, terms_, values = (np.concatenate(column) for column in zip(*kept, strict=True)) if kept else empty
     norms = np.sqrt(np.bincount(labels, weights=values * values, minlength=num_labels))
     values = values / norms[labels]
     order = np.lexsort((labels, terms_))  # term-major, labels ascending within a term

@@ -201,6 +201,8 @@ class XMCModule(L.LightningModule):
         lexical_terms: with lexical features in the data, a :class:`~xmc_dst.heads.LexicalHead` whose labels read
             the TF-IDF features of their training documents, at most this many each (the strongest), started at
             their centroids, its scores added to the head's (0: none).
+        lexical_connections: the most connections of the lexical head in all (None: no bound); above it the labels
+            with the most terms are cut first, so its memory is bounded on any data.
         lexical_head_lr: its learning rate (AdamW, no weight decay; default: the head's).
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
@@ -237,6 +239,7 @@ class XMCModule(L.LightningModule):
         intermediate_dim: int = 0,
         intermediate_activation: Activation = "identity",
         lexical_terms: int = 0,
+        lexical_connections: int | None = 20_000_000,
         lexical_head_lr: float | None = None,
         aux_clusters: int = 0,
         aux_cluster_file: str | None = None,
@@ -294,7 +297,7 @@ class XMCModule(L.LightningModule):
             if getattr(self.encoder, "lexical", None) is None:
                 raise ValueError(f"lexical_terms={lexical_terms} needs the encoder's lexical projection (its "
                                  "lexical_dim > 0), which carries the TF-IDF vocabulary into checkpoints")
-            self.lexical_head = LexicalHead(int(num_lexical_features), num_labels, lexical_terms)
+            self.lexical_head = LexicalHead(int(num_lexical_features), num_labels, lexical_terms, lexical_connections)
 
         self.aux_alpha: float = 0.0
         self._clusters_pending = False
@@ -513,7 +516,7 @@ class XMCModule(L.LightningModule):
             if lexical is not None and vocabulary is not None:
                 lexical.set_vocabulary(vocabulary)
             if stage == "fit" and self.lexical_head is not None and not bool(self.lexical_head.initialised):
-                support = datamodule.label_term_support(self.lexical_head.max_terms)
+                support = datamodule.label_term_support(self.lexical_head.max_terms, self.lexical_head.max_connections)
                 self.lexical_head.set_support(*(torch.from_numpy(array) for array in support))
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
                 inv_propensity = inverse_propensity(
