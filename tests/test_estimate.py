@@ -265,3 +265,37 @@ def test_encoder_config_option_and_the_error_without_it(tiny_encoder_dir, empty_
         assert report["heads"]["sparse"]["parts"]["encoder"]["params"] == 4 * _parameters(tiny_encoder_dir)
     with pytest.raises(EncoderConfigNotFound, match="no such file"):
         estimate_memory(config, num_labels=100, encoder_config=tmp_path / "missing.json")
+
+
+def test_estimate_counts_the_lexical_head_as_a_real_one_of_its_bound_holds(tiny_encoder_dir):
+    from xmc_dst.heads import LexicalHead
+
+    features, labels, terms = 5000, 1000, 3
+
+    def config(**model) -> dict:
+        return {"model": {"class_path": "xmc_dst.model.XMCModule", "init_args": {
+            "encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder",
+                        "init_args": {"trainable_layers": 0, "lexical_dim": 16}},
+            "tokenizer": str(tiny_encoder_dir), "intermediate_dim": 64, **model}},
+            "data": {"class_path": "datamodules.RawTextXMCDataModule", "init_args": {"lexical_features": features}}}
+
+    head = LexicalHead(features, labels, terms)  # every label on `terms` terms: the bound, reached
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.stack([torch.randperm(features, generator=g)[:terms] for _ in range(labels)])
+    term_of = chosen.reshape(-1)
+    order = torch.argsort(term_of * labels + torch.arange(labels).repeat_interleave(terms))
+    term_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(term_of, minlength=features).cumsum(0)])
+    head.set_support(term_ptr, torch.arange(labels).repeat_interleave(terms)[order].int(), torch.rand(labels * terms))
+    optimizer = torch.optim.AdamW(head.parameters())
+    head({"lexical_ids": torch.tensor([1, 2]), "lexical_values": torch.ones(2),
+          "lexical_offsets": torch.tensor([0, 2])}).sum().backward()
+    optimizer.step()
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    for column in ("dense", "sparse"):
+        part = estimate_memory(config(lexical_terms=terms), num_labels=labels).parts[column]["lexical_head"]
+        assert part.params == part.grads == nbytes(head.parameters())
+        assert part.optimizer == nbytes(v for state in optimizer.state.values() for v in state.values() if v.dim())
+        assert part.buffers == nbytes(head.buffers())
+    capped = estimate_memory(config(lexical_terms=terms, lexical_connections=1200), num_labels=labels)
+    assert capped.parts["sparse"]["lexical_head"].params == (1200 + labels) * 4
+    assert "lexical_head" not in estimate_memory(config(), num_labels=labels).parts["sparse"]
