@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from xmc_dst.clusters import load_cluster_file
 from xmc_dst.grouped import GroupedFanInLinear, GroupedImpl, group_positions
 from xmc_dst.optim import ALGORITHMS, SCHEDULES, STATE_DTYPES, Algorithm, Schedule
-from xmc_dst.sparse import FixedFanInLinear, Impl, expand_ranges
+from xmc_dst.sparse import FixedFanInLinear, Impl, sparse_input_linear
 
 __all__ = ["DenseHead", "FixedFanInHead", "GroupedFanInHead", "HeadFactory", "HeadOptimizer", "InputTooNarrow",
            "LexicalHead"]
@@ -216,15 +216,8 @@ class LexicalHead(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_features):
             raise ValueError(f"lexical ids must lie in [0, {self.num_features}), got {int(ids.min())}.."
                              f"{int(ids.max())}")
-        rows = offsets.numel() - 1
-        starts, counts = self.term_ptr[ids], self.term_ptr[ids + 1] - self.term_ptr[ids]
-        connection = expand_ranges(starts, counts)  # every connection the batch's terms feed
-        occurrence = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts)
-        row = torch.repeat_interleave(torch.arange(rows, device=ids.device), offsets.diff().long())
-        target = row[occurrence] * self.num_labels + self.labels[connection].long()
-        contribution = values[occurrence] * self.weight[connection]
-        out = torch.zeros(rows * self.num_labels, dtype=self.weight.dtype, device=self.weight.device)
-        return out.index_add(0, target, contribution).view(rows, self.num_labels) + self.bias
+        return sparse_input_linear(self.weight, self.bias, offsets, ids, values, self.term_ptr, self.labels,
+                                   self.num_labels)
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, num_labels={self.num_labels}, max_terms={self.max_terms}, "

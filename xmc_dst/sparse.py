@@ -234,11 +234,20 @@ class _EmbeddingBagFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def expand_ranges(starts: Tensor, counts: Tensor) -> Tensor:
+def _expand_ranges(starts: Tensor, counts: Tensor) -> Tensor:
     """Positions ``starts[i] .. starts[i] + counts[i]`` of every ``i``, concatenated (int64)."""
     total = int(counts.sum())
     first = torch.repeat_interleave(starts - counts.cumsum(0) + counts, counts, output_size=total)
     return first + torch.arange(total, dtype=torch.int64, device=starts.device)
+
+
+def sparse_input_linear(weight: Tensor, bias: Tensor | None, offsets: Tensor, ids: Tensor, values: Tensor,
+                        col_ptr: Tensor, rows: Tensor, num_out: int, order: Tensor | None = None) -> Tensor:
+    """``y = x @ W^T`` for sparse inputs ``x`` (CSR rows ``offsets``/``ids``/``values``) and a weight stored by input:
+    input ``i``'s connections are ``col_ptr[i]:col_ptr[i + 1]``, feeding outputs ``rows[...]`` with the flat weights
+    ``weight.view(-1)[order[...]]`` (``order`` None: the connections are the flat weights in that order). Only the
+    connections of each row's non-zero inputs are touched; differentiable in ``weight`` and ``bias``."""
+    return _SparseInputFunction.apply(weight, bias, offsets, ids, values, col_ptr, rows, order, num_out)
 
 
 class _SparseInputFunction(torch.autograd.Function):
@@ -246,16 +255,16 @@ class _SparseInputFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, bias: Tensor | None, offsets: Tensor, ids: Tensor, values: Tensor,  # noqa: D102
-                transposed: _Transposed) -> Tensor:
-        num_rows, num_out = offsets.numel() - 1, weight.shape[0]
-        ptr = transposed.col_ptr[0].long()
+                col_ptr: Tensor, rows: Tensor, order: Tensor | None, num_out: int) -> Tensor:
+        num_rows = offsets.numel() - 1
+        ptr = col_ptr.long()
         ids = ids.long()
         starts, counts = ptr[ids], ptr[ids + 1] - ptr[ids]
         pair = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts)
-        positions = expand_ranges(starts, counts)
-        connection = transposed.order.index_select(0, positions)  # into weight.view(-1)
+        positions = _expand_ranges(starts, counts)
+        connection = positions if order is None else order.index_select(0, positions)  # into weight.view(-1)
         row = torch.repeat_interleave(torch.arange(num_rows, device=ids.device), offsets.diff().long())
-        target = row.index_select(0, pair) * num_out + transposed.rows.index_select(0, positions)  # into out.view(-1)
+        target = row.index_select(0, pair) * num_out + rows.index_select(0, positions).long()  # into out.view(-1)
         coefficient = values.to(weight.dtype).index_select(0, pair)
         out = torch.zeros(num_rows * num_out, dtype=weight.dtype, device=weight.device)
         out.index_add_(0, target, coefficient * weight.reshape(-1).index_select(0, connection))
@@ -277,7 +286,7 @@ class _SparseInputFunction(torch.autograd.Function):
             grad_w = grad_w.view(ctx.weight_shape)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_b = grad_out.sum(0)
-        return grad_w, grad_b, None, None, None, None
+        return grad_w, grad_b, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -431,8 +440,9 @@ class FixedFanInLinear(nn.Module):
         compute = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         weight = self.weight.to(compute)
         bias = self.bias.to(compute) if self.bias is not None else None
-        return _SparseInputFunction.apply(weight, bias, offsets, ids, values,
-                                          self.transposed_structure(self.out_features))
+        transposed = self.transposed_structure(self.out_features)
+        return sparse_input_linear(weight, bias, offsets, ids, values, transposed.col_ptr[0], transposed.rows,
+                                   self.out_features, transposed.order)
 
     def _triton(self, x: Tensor, out_dtype: torch.dtype) -> Tensor:
         """The Triton kernels on ``x`` in its own dtype; the input gradient as :data:`triton_fan_in.INPUT_GRAD`."""
