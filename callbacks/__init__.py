@@ -4,8 +4,9 @@ resume (random states, periodic atomic ``last.ckpt``).
 They work on any LightningModule: :class:`DynamicSparseTraining` rewires every submodule with the fixed fan-in
 rewiring protocol (``rewire``, ``reset_optimizer_state``, ``indices``), :class:`AuxiliaryObjective` drives a module
 with the small auxiliary protocol of :class:`callbacks.auxiliary.AuxiliaryModule`, :class:`MemoryProfiler` needs
-nothing; :class:`TrainingBudget` chooses the number of epochs from the training set's size. In a LightningCLI
-yaml: ``trainer.callbacks: [{class_path: callbacks.DynamicSparseTraining, ...}]``.
+nothing; :class:`LexicalNegatives` grows the negative evidence of lexical heads (``collect_negatives``,
+``grow_negatives``); :class:`TrainingBudget` chooses the number of epochs from the training set's size. In a
+LightningCLI yaml: ``trainer.callbacks: [{class_path: callbacks.DynamicSparseTraining, ...}]``.
 """
 
 from callbacks.auxiliary import AuxiliaryModule, AuxiliaryObjective
@@ -13,6 +14,7 @@ from callbacks.budget import TrainingBudget
 from callbacks.dst import DynamicSparseTraining
 from callbacks.grouping import LabelGrouping
 from callbacks.guard import FiniteLossGuard, NonFiniteLossError
+from callbacks.lexical import LexicalNegatives
 from callbacks.memory import MemoryProfiler
 from callbacks.oom import OutOfMemoryAdvice, OutOfMemoryAdvisor
 from callbacks.resume import LastCheckpoint, RandomStateCheckpoint, RestoreLoaderPosition
@@ -24,6 +26,7 @@ __all__ = [
     "FiniteLossGuard",
     "LabelGrouping",
     "LastCheckpoint",
+    "LexicalNegatives",
     "MemoryProfiler",
     "NonFiniteLossError",
     "OutOfMemoryAdvice",

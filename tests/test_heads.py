@@ -140,3 +140,120 @@ def test_lexical_head_state_dict_round_trip_adopts_the_saved_support_size():
     for name, value in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
     assert fresh.weight.numel() == trained.labels.numel() > 0
+
+
+def _lexical_batch(features: int, docs: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    counts = torch.randint(0, 6, (docs,), generator=g)
+    ids = torch.cat([torch.randperm(features, generator=g)[:int(c)] for c in counts])
+    return {"lexical_ids": ids, "lexical_values": torch.rand(ids.numel(), generator=g) + 0.05,
+            "lexical_offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])}
+
+
+def _dense_lexical(head) -> torch.Tensor:
+    """The head's weights as a dense [labels, features] matrix, read through term_ptr / labels / slot."""
+    dense = torch.zeros(head.num_labels, head.num_features)
+    slots = head.slot.long() if head.slot.numel() else torch.arange(head.labels.numel())
+    terms = torch.repeat_interleave(torch.arange(head.num_features), head.term_ptr.diff())
+    dense[head.labels.long(), terms] = head.weight.detach()[slots]
+    return dense
+
+
+def _negative_oracle(batches, upstreams, per_document: int, connected: torch.Tensor, spare: int) -> set:
+    """Brute force: per document the `per_document` largest output gradients (> 0) times each of its terms' values,
+    summed over batches, connected pairs dropped, the `spare` best kept."""
+    score: dict[tuple[int, int], float] = {}
+    for batch, upstream in zip(batches, upstreams):
+        offsets = batch["lexical_offsets"]
+        for row in range(offsets.numel() - 1):
+            ranked = sorted(range(upstream.shape[1]), key=lambda label: -float(upstream[row, label]))[:per_document]
+            for j in range(int(offsets[row]), int(offsets[row + 1])):
+                for label in ranked:
+                    value = float(batch["lexical_values"][j]) * float(upstream[row, label])
+                    if value > 0:
+                        key = (int(batch["lexical_ids"][j]), label)
+                        score[key] = score.get(key, 0.0) + value
+    fresh = [(value, key) for key, value in score.items() if not bool(connected[key[1], key[0]])]
+    return {key for _, key in sorted(fresh, reverse=True)[:spare]}
+
+
+def test_lexical_head_grows_the_negative_evidence_a_brute_force_oracle_picks():
+    from xmc_dst.heads import LexicalHead
+
+    g = torch.Generator().manual_seed(3)
+    features, labels, per_document = 25, 9, 3
+    head = LexicalHead(features, labels, max_terms=5, negative_fraction=0.5)
+    term_ptr, rows, values, dense = _random_support(features, labels, g)
+    head.set_support(term_ptr, rows, values)
+    spare = head.spare_slots
+    assert spare == round(0.5 * rows.numel()) > 0 and head.weight.numel() == rows.numel() + spare
+    batches = [_lexical_batch(features, 6, g) for _ in range(4)]
+    upstreams = [torch.randn(6, labels, generator=g) for _ in batches]
+    head.collect_negatives(per_document)
+    for batch, upstream in zip(batches, upstreams):
+        head(batch).backward(upstream)
+        assert not head.weight.grad[rows.numel():].any()  # spare slots are never read before growth
+    expected = _negative_oracle(batches, upstreams, per_document, dense != 0, spare)
+    before = {name: head(batch).detach() for name, batch in enumerate(batches)}
+    grown = head.grow_negatives()
+    assert grown == len(expected) and head.labels.numel() == rows.numel() + grown and head.per_document == 0
+    grown_dense = _dense_lexical(head)
+    connected = {(t, label) for label, t in zip(*torch.nonzero(grown_dense != 0, as_tuple=True))}  # old: nonzero
+    terms = torch.repeat_interleave(torch.arange(features), head.term_ptr.diff())
+    pairs = set(zip(terms.tolist(), head.labels.tolist()))
+    assert pairs == {(int(t), int(label)) for t, label in connected} | expected  # new ones at weight zero
+    assert len(pairs) == head.labels.numel()  # unique
+    keys = terms * labels + head.labels.long()
+    assert bool((keys.diff() > 0).all())  # term-major, labels ascending within a term
+    for name, batch in enumerate(batches):
+        torch.testing.assert_close(head(batch).detach(), before[name])
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.numel(), generator=g))
+    batch, upstream = batches[0], upstreams[0]
+    x = torch.zeros(6, features).index_put_((torch.repeat_interleave(torch.arange(6), batch["lexical_offsets"].diff()),
+                                             batch["lexical_ids"]), batch["lexical_values"], accumulate=True)
+    torch.testing.assert_close(head(batch), x @ _dense_lexical(head).T + head.bias)
+    head.weight.grad = None
+    head(batch).backward(upstream)
+    used = head.slot.long()
+    torch.testing.assert_close(head.weight.grad[used], (upstream.T @ x)[head.labels.long(), terms])
+    fresh = LexicalHead(features, labels, max_terms=5, negative_fraction=0.5)
+    fresh.load_state_dict(head.state_dict())
+    torch.testing.assert_close(fresh(batch), head(batch))
+
+
+def test_lexical_head_resumes_its_recorded_evidence_exactly():
+    from xmc_dst.heads import LexicalHead
+
+    g = torch.Generator().manual_seed(4)
+    features, labels = 30, 8
+    support = _random_support(features, labels, g)[:3]
+    batches = [_lexical_batch(features, 5, g) for _ in range(6)]
+    upstreams = [torch.randn(5, labels, generator=g) for _ in batches]
+
+    def head_after(batch_range, pending=None):
+        head = LexicalHead(features, labels, max_terms=5, negative_fraction=1.0)
+        head.set_support(*support)
+        if pending is not None:
+            head.restore_pending(*pending)
+        head.collect_negatives(2)
+        for i in batch_range:
+            head(batches[i]).backward(upstreams[i])
+        return head
+
+    whole = head_after(range(6))
+    first = head_after(range(3))
+    resumed = head_after(range(3, 6), pending=first.pending_negatives())
+    assert whole.grow_negatives() == resumed.grow_negatives() > 0
+    for name in ("term_ptr", "labels", "slot"):
+        assert torch.equal(getattr(whole, name), getattr(resumed, name)), name
+    gathered = head_after(range(3))  # data parallel: another rank's evidence is gathered before growing
+    other = head_after(range(3, 6)).pending_negatives()
+    assert gathered.grow_negatives(lambda mine: [mine, other]) == whole.labels.numel() - support[1].numel()
+    assert torch.equal(gathered.labels, whole.labels)
+    none = LexicalHead(features, labels, max_terms=5)  # no spare slots: nothing to grow into
+    none.set_support(*support)
+    none.collect_negatives(2)
+    none(batches[0]).backward(upstreams[0])
+    assert none.grow_negatives() == 0 and none.slot.numel() == 0
+    with pytest.raises(ValueError, match="lexical_negatives"):
+        LexicalHead(features, labels, max_terms=5, negative_fraction=-0.1)

@@ -214,7 +214,7 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
                           dst: bool = True, track_itop: bool = True, itop_rows: int | None = 65_536,
                           gradient_regrowth: bool = False, group_size: int | None = None,
                           head_weight_dtype: str | None = None, head_state_dtype: str = "float32",
-                          lexical_connections: int = 0, num_lexical_features: int = 0,
+                          lexical_connections: int = 0, num_lexical_features: int = 0, lexical_spare: int = 0,
                           precision: str = "32-true", budget_bytes: int | None = None) -> MemoryEstimate:
     """The estimate from plain numbers (see the module docstring for the formulas).
 
@@ -228,7 +228,9 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
     elements of the encoder's larger optimizer group (weights with decay, or biases and norms without; default all
     of ``encoder_trainable``): with the other groups it sizes the optimizer step's temporary.
     ``lexical_connections`` sizes a lexical head (:class:`xmc_dst.heads.LexicalHead`: fp32 weights and a bias per
-    label under AdamW, int32 labels, int64 pointers over ``num_lexical_features`` terms) in both columns.
+    label under AdamW, int32 labels, int64 pointers over ``num_lexical_features`` terms) in both columns;
+    ``lexical_spare`` its spare slots for negative evidence (weights, an int32 label and slot each once grown, and the
+    evidence recorded while collecting: at most ``8 * lexical_spare`` int64 keys with fp32 scores).
     """
     enc_state = STATE_PER_PARAM[encoder_optimizer]
     head_state = STATE_PER_PARAM[head_optimizer]
@@ -252,10 +254,12 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
         common["aux_head"] = trained(enc_out * aux_clusters + aux_clusters, enc_state,
                                      buffers=num_labels * 8, activations=2 * batch_size * aux_clusters * 4)
     if lexical_connections:
-        weights = lexical_connections + num_labels
+        connections = lexical_connections + lexical_spare
+        weights = connections + num_labels
+        index = connections * (8 if lexical_spare else 4) + (num_lexical_features + 1) * 8 + 1
         common["lexical_head"] = PartBytes(params=weights * 4, grads=weights * 4,
                                            optimizer=weights * 4 * STATE_PER_PARAM["adamw"],
-                                           buffers=lexical_connections * 4 + (num_lexical_features + 1) * 8 + 1)
+                                           buffers=index + 8 * lexical_spare * 12)
     fan_in = min(fan_in, head_in)
     dense = dict(common, head=trained(num_labels * (head_in + 1), head_state, activations=logits))
     low_precision = head_weight_dtype == "bfloat16"
@@ -461,6 +465,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         lexical_connections = min(lexical_connections, int(cap)) if cap is not None else lexical_connections
         notes.append("lexical_head: its bound min(lexical_connections, labels x lexical_terms); the (label, term) "
                      "pairs that co-occur in training, what it holds, are often far fewer")
+    lexical_spare = round(float(model.get("lexical_negatives", 0.0) or 0.0) * lexical_connections)
 
     dst_args = None
     for callback in trainer.get("callbacks", []) or []:
@@ -477,7 +482,7 @@ def estimate_memory(config: str | Path | Mapping[str, Any], *, batch_size: int |
         dst=dst_args is not None, track_itop=bool((dst_args or {}).get("track_itop", True)),
         itop_rows=(dst_args or {}).get("itop_rows", 65_536),
         gradient_regrowth=(dst_args or {}).get("regrow") == "gradient", lexical_connections=lexical_connections,
-        num_lexical_features=lexical_features, precision=precision, budget_bytes=budget)
+        num_lexical_features=lexical_features, lexical_spare=lexical_spare, precision=precision, budget_bytes=budget)
     estimate.notes.extend(notes)
     if transformer is not None:
         estimate.notes.append("encoder activations: Korthikanti et al. (2022) per-layer formula; attention kernels "

@@ -168,22 +168,36 @@ class LexicalHead(nn.Module):
     dynamic sparse training leaves it alone (it is no fixed fan-in layer). The batch's TF-IDF rows stay sparse: the
     cost is the number of connections the batch's terms feed, not ``batch * num_labels``.
 
+    **Negative evidence** (``negative_fraction`` > 0): a label's own documents never show the terms that argue
+    *against* it (the words of the documents it is wrongly ranked high for). The head keeps
+    ``round(negative_fraction * support)`` spare weight slots; while collecting (:meth:`collect_negatives`, driven by
+    :class:`callbacks.LexicalNegatives`) a hook on its output reads the loss gradient of every training batch and
+    records, per document, the ``per_document`` labels the loss pushes down hardest with the document's terms, scored
+    ``tfidf * dL/ds`` (the gradient of the missing connection, summed over the epoch); :meth:`grow_negatives` then
+    connects the best-scored unconnected (term, label) pairs to the spare slots at weight zero. Spare slots are never
+    read before, so their weights and optimizer state are still zero: nothing in the optimizer moves.
+
     The support is stored term-major: ``term_ptr`` [num_features + 1] row pointers, ``labels`` (int32) the label of
-    each connection, ``weight`` its value; checkpoints carry all three (loading adopts the saved support's size).
+    each connection, ``slot`` (int32, empty without spare slots) its index into ``weight``; checkpoints carry them
+    (loading adopts the saved sizes).
     """
 
-    def __init__(self, num_features: int, num_labels: int, max_terms: int, max_connections: int | None = None) -> None:
+    def __init__(self, num_features: int, num_labels: int, max_terms: int, max_connections: int | None = None,
+                 negative_fraction: float = 0.0) -> None:
         super().__init__()
-        if max_terms < 1 or (max_connections is not None and max_connections < 1):
-            raise ValueError(f"lexical_terms and lexical_connections must be at least 1, got {max_terms}, "
-                             f"{max_connections}")
+        if max_terms < 1 or (max_connections is not None and max_connections < 1) or negative_fraction < 0:
+            raise ValueError(f"lexical_terms and lexical_connections must be at least 1 and lexical_negatives at "
+                             f"least 0, got {max_terms}, {max_connections}, {negative_fraction}")
         self.num_features, self.num_labels, self.max_terms = int(num_features), int(num_labels), int(max_terms)
-        self.max_connections = max_connections
+        self.max_connections, self.negative_fraction = max_connections, float(negative_fraction)
         self.weight = nn.Parameter(torch.zeros(0))
         self.bias = nn.Parameter(torch.full((num_labels,), -1.0))
         self.register_buffer("term_ptr", torch.zeros(num_features + 1, dtype=torch.int64))
         self.register_buffer("labels", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("slot", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.per_document = 0  # > 0 while collecting negative evidence
+        self._pending: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
     def set_support(self, term_ptr: Tensor, labels: Tensor, values: Tensor) -> None:
@@ -196,18 +210,21 @@ class LexicalHead(nn.Module):
             raise ValueError(f"term_ptr must rise from 0 to the {nnz} connections")
         if nnz and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
             raise ValueError(f"labels must lie in [0, {self.num_labels})")
-        device = self.bias.device
-        self.weight = nn.Parameter(values.to(device=device, dtype=self.bias.dtype).clone())
+        device, spare = self.bias.device, round(self.negative_fraction * nnz)
+        values = values.to(device=device, dtype=self.bias.dtype)
+        self.weight = nn.Parameter(torch.cat([values, values.new_zeros(spare)]))
         self.term_ptr = term_ptr.to(device=device, dtype=torch.int64).clone()
         self.labels = labels.to(device=device, dtype=torch.int32).clone()
+        self.slot = torch.arange(nnz if spare else 0, dtype=torch.int32, device=device)
         self.initialised.fill_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        """Adopt the saved support's size (the fresh module's support is empty until set)."""
-        saved = state_dict.get(prefix + "labels")
-        if saved is not None and saved.shape != self.labels.shape:
-            self.weight = nn.Parameter(self.weight.new_zeros(saved.shape))
-            self.labels = self.labels.new_zeros(saved.shape)
+        """Adopt the saved support's sizes (the fresh module's support is empty until set)."""
+        for name in ("weight", "labels", "slot"):
+            saved, own = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and saved.shape != own.shape:
+                fresh = own.new_zeros(saved.shape)
+                setattr(self, name, nn.Parameter(fresh) if name == "weight" else fresh)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -216,12 +233,90 @@ class LexicalHead(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_features):
             raise ValueError(f"lexical ids must lie in [0, {self.num_features}), got {int(ids.min())}.."
                              f"{int(ids.max())}")
-        return sparse_input_linear(self.weight, self.bias, offsets, ids, values, self.term_ptr, self.labels,
-                                   self.num_labels)
+        scores = sparse_input_linear(self.weight, self.bias, offsets, ids, values, self.term_ptr, self.labels,
+                                     self.num_labels, self.slot if self.slot.numel() else None)
+        if self.per_document and scores.requires_grad:
+            scores.register_hook(lambda grad: self._record(grad, offsets, ids, values))
+        return scores
+
+    @property
+    def spare_slots(self) -> int:
+        """Weight slots no connection reads yet (room for negative evidence)."""
+        return self.weight.numel() - self.labels.numel()
+
+    def collect_negatives(self, per_document: int) -> None:
+        """Record negative evidence from every backward until :meth:`grow_negatives` (see the class docstring)."""
+        if per_document < 1:
+            raise ValueError(f"per_document must be at least 1, got {per_document}")
+        self.per_document = int(per_document)
+
+    @torch.no_grad()
+    def _record(self, grad: Tensor, offsets: Tensor, ids: Tensor, values: Tensor) -> None:
+        push, label = grad.detach().float().topk(min(self.per_document, self.num_labels), dim=1)
+        row = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=ids.device), offsets.diff().long())
+        key = (ids[:, None] * self.num_labels + label.index_select(0, row)).reshape(-1)
+        score = (values.float()[:, None] * push.index_select(0, row)).reshape(-1)
+        keep = score > 0  # the loss pushes these scores down: a negative weight on the term would help
+        self._pending.append((key[keep], score[keep]))
+        if sum(k.numel() for k, _ in self._pending) > max(8 * self.spare_slots, 1 << 22):
+            self._pending = [self._best_unconnected(keep=max(4 * self.spare_slots, 1 << 21))]
+
+    def _connection_keys(self) -> Tensor:
+        terms = torch.repeat_interleave(torch.arange(self.num_features, device=self.labels.device),
+                                        self.term_ptr.diff())
+        return terms * self.num_labels + self.labels.long()
+
+    def _best_unconnected(self, keep: int) -> tuple[Tensor, Tensor]:
+        """The recorded (term, label) keys summed, the connected ones dropped, the ``keep`` best (ties: lower key)."""
+        keys = torch.cat([k for k, _ in self._pending]) if self._pending else self.labels.new_zeros(0).long()
+        scores = torch.cat([v for _, v in self._pending]) if self._pending else keys.float()
+        keys, inverse = torch.unique(keys, return_inverse=True)
+        scores = scores.new_zeros(keys.numel()).index_add_(0, inverse, scores)
+        fresh = ~torch.isin(keys, self._connection_keys())
+        keys, scores = keys[fresh], scores[fresh]
+        if keys.numel() > keep:
+            best = torch.sort(scores, descending=True, stable=True).indices[:keep].sort().values
+            keys, scores = keys[best], scores[best]
+        return keys, scores
+
+    def pending_negatives(self) -> tuple[Tensor, Tensor]:
+        """The evidence recorded so far, concatenated in arrival order (for checkpoints: exact on resume)."""
+        keys = torch.cat([k for k, _ in self._pending]) if self._pending else torch.zeros(0, dtype=torch.int64)
+        scores = torch.cat([v for _, v in self._pending]) if self._pending else torch.zeros(0)
+        return keys, scores
+
+    def restore_pending(self, keys: Tensor, scores: Tensor) -> None:
+        """Continue from :meth:`pending_negatives` of a checkpoint."""
+        self._pending = [(keys.to(self.labels.device), scores.to(self.labels.device))] if keys.numel() else []
+
+    @torch.no_grad()
+    def grow_negatives(self, gather: Callable[[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]] | None = None,
+                       ) -> int:
+        """Stop collecting and connect the best recorded unconnected pairs to spare slots at weight zero; returns how
+        many. ``gather`` (data parallel) returns every rank's recorded evidence, so all ranks grow the same pairs."""
+        self.per_document = 0
+        if gather is not None:
+            self._pending = [(k.to(self.labels.device), v.to(self.labels.device))
+                             for k, v in gather(self.pending_negatives())]
+        keys, _ = self._best_unconnected(keep=self.spare_slots)
+        self._pending = []
+        if not keys.numel():
+            return 0
+        used = self.labels.numel()
+        keys = torch.cat([self._connection_keys(), keys])
+        slots = torch.cat([self.slot.long(), torch.arange(used, used + keys.numel() - used, device=keys.device)])
+        order = torch.argsort(keys)
+        keys, slots = keys[order], slots[order]
+        terms = keys // self.num_labels
+        self.term_ptr = torch.cat([terms.new_zeros(1), torch.bincount(terms, minlength=self.num_features).cumsum(0)])
+        self.labels = (keys % self.num_labels).to(torch.int32)
+        self.slot = slots.to(torch.int32)
+        self.weight[used:self.labels.numel()] = 0.0
+        return self.labels.numel() - used
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, num_labels={self.num_labels}, max_terms={self.max_terms}, "
-                f"connections={self.labels.numel()}")
+                f"connections={self.labels.numel()}, spare_slots={self.spare_slots}")
 
 
 class DenseHead(nn.Linear):

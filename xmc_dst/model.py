@@ -204,6 +204,9 @@ class XMCModule(L.LightningModule):
         lexical_connections: the most connections of the lexical head in all (None: no bound); above it the labels
             with the most terms are cut first, so its memory is bounded on any data.
         lexical_head_lr: its learning rate (AdamW, no weight decay; default: the head's).
+        lexical_negatives: spare connections of the lexical head for negative evidence, as a share of its support
+            (0: none); :class:`callbacks.LexicalNegatives` fills them with the (term, label) pairs the loss gradient
+            asks for.
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
         aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
@@ -241,6 +244,7 @@ class XMCModule(L.LightningModule):
         lexical_terms: int = 0,
         lexical_connections: int | None = 20_000_000,
         lexical_head_lr: float | None = None,
+        lexical_negatives: float = 0.0,
         aux_clusters: int = 0,
         aux_cluster_file: str | None = None,
         loss: LossName = "squared_hinge",
@@ -297,7 +301,8 @@ class XMCModule(L.LightningModule):
             if getattr(self.encoder, "lexical", None) is None:
                 raise ValueError(f"lexical_terms={lexical_terms} needs the encoder's lexical projection (its "
                                  "lexical_dim > 0), which carries the TF-IDF vocabulary into checkpoints")
-            self.lexical_head = LexicalHead(int(num_lexical_features), num_labels, lexical_terms, lexical_connections)
+            self.lexical_head = LexicalHead(int(num_lexical_features), num_labels, lexical_terms, lexical_connections,
+                                           lexical_negatives)
 
         self.aux_alpha: float = 0.0
         self._clusters_pending = False
