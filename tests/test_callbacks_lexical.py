@@ -69,8 +69,8 @@ def test_lexical_negatives_grow_what_the_oracle_picks_and_survive_a_checkpoint()
                                 round(0.5 * before))
     assert grown == len(expected) and len(module.seen) == len(batches)
     terms = torch.repeat_interleave(torch.arange(FEATURES), module.head.term_ptr.diff())
-    pairs = set(zip(terms.tolist(), module.head.labels.tolist()))
-    old = {(int(t), int(label)) for label, t in zip(*torch.nonzero(support[3] != 0, as_tuple=True))}
+    pairs = set(zip(terms.tolist(), module.head.labels.tolist(), strict=True))
+    old = {(int(t), int(label)) for label, t in zip(*torch.nonzero(support[3] != 0, as_tuple=True), strict=True)}
     assert pairs == old | expected
 
     # the state saved mid-epoch 1 carries what the head had recorded; a resumed run's head continues from it

@@ -162,7 +162,7 @@ def _negative_oracle(batches, upstreams, per_document: int, connected: torch.Ten
     """Brute force: per document the `per_document` largest output gradients (> 0) times each of its terms' values,
     summed over batches, connected pairs dropped, the `spare` best kept."""
     score: dict[tuple[int, int], float] = {}
-    for batch, upstream in zip(batches, upstreams):
+    for batch, upstream in zip(batches, upstreams, strict=True):
         offsets = batch["lexical_offsets"]
         for row in range(offsets.numel() - 1):
             ranked = sorted(range(upstream.shape[1]), key=lambda label: -float(upstream[row, label]))[:per_document]
@@ -189,7 +189,7 @@ def test_lexical_head_grows_the_negative_evidence_a_brute_force_oracle_picks():
     batches = [_lexical_batch(features, 6, g) for _ in range(4)]
     upstreams = [torch.randn(6, labels, generator=g) for _ in batches]
     head.collect_negatives(per_document)
-    for batch, upstream in zip(batches, upstreams):
+    for batch, upstream in zip(batches, upstreams, strict=True):
         head(batch).backward(upstream)
         assert not head.weight.grad[rows.numel():].any()  # spare slots are never read before growth
     expected = _negative_oracle(batches, upstreams, per_document, dense != 0, spare)
@@ -197,9 +197,10 @@ def test_lexical_head_grows_the_negative_evidence_a_brute_force_oracle_picks():
     grown = head.grow_negatives()
     assert grown == len(expected) and head.labels.numel() == rows.numel() + grown and head.per_document == 0
     grown_dense = _dense_lexical(head)
-    connected = {(t, label) for label, t in zip(*torch.nonzero(grown_dense != 0, as_tuple=True))}  # old: nonzero
+    # the earlier connections are the nonzero weights (new ones start at zero)
+    connected = {(t, label) for label, t in zip(*torch.nonzero(grown_dense != 0, as_tuple=True), strict=True)}
     terms = torch.repeat_interleave(torch.arange(features), head.term_ptr.diff())
-    pairs = set(zip(terms.tolist(), head.labels.tolist()))
+    pairs = set(zip(terms.tolist(), head.labels.tolist(), strict=True))
     assert pairs == {(int(t), int(label)) for t, label in connected} | expected  # new ones at weight zero
     assert len(pairs) == head.labels.numel()  # unique
     keys = terms * labels + head.labels.long()
