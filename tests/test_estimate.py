@@ -299,3 +299,36 @@ def test_estimate_counts_the_lexical_head_as_a_real_one_of_its_bound_holds(tiny_
     capped = estimate_memory(config(lexical_terms=terms, lexical_connections=1200), num_labels=labels)
     assert capped.parts["sparse"]["lexical_head"].params == (1200 + labels) * 4
     assert "lexical_head" not in estimate_memory(config(), num_labels=labels).parts["sparse"]
+
+
+def test_estimate_counts_the_lexical_negative_evidence_of_a_filled_head(tiny_encoder_dir):
+    from xmc_dst.heads import LexicalHead
+
+    features, labels, terms = 400, 50, 2
+    config = {"model": {"class_path": "xmc_dst.model.XMCModule", "init_args": {
+        "encoder": {"class_path": "xmc_dst.encoders.TransformerEncoder",
+                    "init_args": {"trainable_layers": 0, "lexical_dim": 16}},
+        "tokenizer": str(tiny_encoder_dir), "intermediate_dim": 64, "lexical_terms": terms,
+        "lexical_negatives": 0.5}},
+        "data": {"class_path": "datamodules.RawTextXMCDataModule", "init_args": {"lexical_features": features}}}
+    head = LexicalHead(features, labels, terms, negative_fraction=0.5)
+    term_of = torch.arange(labels * terms) % features  # every label on `terms` distinct terms: the bound, reached
+    label_of = torch.arange(labels).repeat_interleave(terms)
+    order = torch.argsort(term_of * labels + label_of)
+    term_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(term_of, minlength=features).cumsum(0)])
+    head.set_support(term_ptr, label_of[order].int(), torch.rand(labels * terms))
+    head.collect_negatives(per_document=labels)  # every label of every document: more evidence than spare slots
+    batch = {"lexical_ids": torch.arange(features), "lexical_values": torch.ones(features),
+             "lexical_offsets": torch.tensor([0, features])}
+    head(batch).backward(torch.ones(1, labels))
+    pending = head.pending_negatives()
+    assert head.grow_negatives() == round(0.5 * labels * terms) and head.spare_slots == 0
+    optimizer = torch.optim.AdamW(head.parameters())
+    head(batch).sum().backward()
+    optimizer.step()
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    part = estimate_memory(config, num_labels=labels).parts["sparse"]["lexical_head"]
+    assert part.params == part.grads == nbytes(head.parameters())
+    assert part.optimizer == nbytes(v for state in optimizer.state.values() for v in state.values() if v.dim())
+    recorded_bound = max(8 * round(0.5 * labels * terms), 1 << 22) * 12  # int64 keys + fp32 scores before compaction
+    assert part.buffers == nbytes(head.buffers()) + recorded_bound and 0 < nbytes(pending) <= recorded_bound

@@ -230,7 +230,8 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
     ``lexical_connections`` sizes a lexical head (:class:`xmc_dst.heads.LexicalHead`: fp32 weights and a bias per
     label under AdamW, int32 labels, int64 pointers over ``num_lexical_features`` terms) in both columns;
     ``lexical_spare`` its spare slots for negative evidence (weights, an int32 label and slot each once grown, and the
-    evidence recorded while collecting: at most ``8 * lexical_spare`` int64 keys with fp32 scores).
+    evidence recorded while collecting: compacted once it passes ``max(8 * lexical_spare, 2 ** 22)`` int64 keys with
+    fp32 scores, the bound counted).
     """
     enc_state = STATE_PER_PARAM[encoder_optimizer]
     head_state = STATE_PER_PARAM[head_optimizer]
@@ -257,9 +258,10 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
         connections = lexical_connections + lexical_spare
         weights = connections + num_labels
         index = connections * (8 if lexical_spare else 4) + (num_lexical_features + 1) * 8 + 1
+        recorded = max(8 * lexical_spare, 1 << 22) * 12 if lexical_spare else 0
         common["lexical_head"] = PartBytes(params=weights * 4, grads=weights * 4,
                                            optimizer=weights * 4 * STATE_PER_PARAM["adamw"],
-                                           buffers=index + 8 * lexical_spare * 12)
+                                           buffers=index + recorded)
     fan_in = min(fan_in, head_in)
     dense = dict(common, head=trained(num_labels * (head_in + 1), head_state, activations=logits))
     low_precision = head_weight_dtype == "bfloat16"
