@@ -19,7 +19,7 @@ Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one 
   recipe-lexical       without any lexical feature (neither projection nor head)
   recipe-propensity    positives unweighted (the recipe weights them by their label's inverse propensity)
   recipe-lexical-lr    the lexical head at the head's learning rate 1e-3 (the recipe: 1e-2)
-  recipe-negatives     the lexical head without negative evidence (lexical_negatives 0)
+  recipe+negatives     the lexical head grows negative evidence (lexical_negatives 0.5, callbacks.LexicalNegatives)
   recipe+grouped-g<G>  the sparse head as a grouped one (GroupedFanInHead, G labels per shared index row, grouped
                        by LabelGrouping), G = 8, 16, 32
   recipe+bf16-sr       the sparse head's weights and optimizer state in bf16, stochastic rounding
@@ -96,7 +96,7 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
                        "data.init_args.lexical_features": 0},
     "recipe-propensity": {"model.positive_weighting": "none"},
     "recipe-lexical-lr": {"model.lexical_head_lr": None},
-    "recipe-negatives": {"model.lexical_negatives": 0},
+    "recipe+negatives": {"model.lexical_negatives": 0.5},
     **{f"recipe+grouped-g{size}": grouped(size) for size in GROUP_SIZES},
     "recipe+bf16-sr": dict(BF16_SR),
     "recipe+grouped-g16+bf16-sr": {**grouped(16), **BF16_SR},

@@ -255,6 +255,7 @@ def test_lexical_head_resumes_its_recorded_evidence_exactly():
     none.set_support(*support)
     none.collect_negatives(2)
     none(batches[0]).backward(upstreams[0])
+    assert none.pending_negatives()[0].numel() == 0  # nothing recorded
     assert none.grow_negatives() == 0 and none.slot.numel() == 0
     with pytest.raises(ValueError, match="lexical_negatives"):
         LexicalHead(features, labels, max_terms=5, negative_fraction=-0.1)

@@ -245,10 +245,11 @@ class LexicalHead(nn.Module):
         return self.weight.numel() - self.labels.numel()
 
     def collect_negatives(self, per_document: int) -> None:
-        """Record negative evidence from every backward until :meth:`grow_negatives` (see the class docstring)."""
+        """Record negative evidence from every backward until :meth:`grow_negatives` (see the class docstring); a
+        head without spare slots records nothing."""
         if per_document < 1:
             raise ValueError(f"per_document must be at least 1, got {per_document}")
-        self.per_document = int(per_document)
+        self.per_document = int(per_document) if self.spare_slots else 0
 
     @torch.no_grad()
     def _record(self, grad: Tensor, offsets: Tensor, ids: Tensor, values: Tensor) -> None:
