@@ -64,7 +64,8 @@ class LexicalNegatives(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         layers = dict(find_lexical_layers(pl_module))
-        if self.epoch >= trainer.max_epochs - 1 and trainer.max_epochs >= 0:
+        spare = any(getattr(layer, "spare_slots", 0) for layer in layers.values())
+        if spare and 0 <= trainer.max_epochs - 1 <= self.epoch:
             log.warning("LexicalNegatives: epoch %d leaves no epoch to train the grown connections (max_epochs %d)",
                         self.epoch, trainer.max_epochs)
         for name, (keys, scores) in self._restored.items():

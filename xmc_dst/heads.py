@@ -269,8 +269,7 @@ class LexicalHead(nn.Module):
 
     def _best_unconnected(self, keep: int) -> tuple[Tensor, Tensor]:
         """The recorded (term, label) keys summed, the connected ones dropped, the ``keep`` best (ties: lower key)."""
-        keys = torch.cat([k for k, _ in self._pending]) if self._pending else self.labels.new_zeros(0).long()
-        scores = torch.cat([v for _, v in self._pending]) if self._pending else keys.float()
+        keys, scores = self.pending_negatives()
         keys, inverse = torch.unique(keys, return_inverse=True)
         scores = scores.new_zeros(keys.numel()).index_add_(0, inverse, scores)
         fresh = ~torch.isin(keys, self._connection_keys())
@@ -282,9 +281,9 @@ class LexicalHead(nn.Module):
 
     def pending_negatives(self) -> tuple[Tensor, Tensor]:
         """The evidence recorded so far, concatenated in arrival order (for checkpoints: exact on resume)."""
-        keys = torch.cat([k for k, _ in self._pending]) if self._pending else torch.zeros(0, dtype=torch.int64)
-        scores = torch.cat([v for _, v in self._pending]) if self._pending else torch.zeros(0)
-        return keys, scores
+        if not self._pending:
+            return self.labels.new_zeros(0).long(), self.weight.new_zeros(0).float()
+        return torch.cat([k for k, _ in self._pending]), torch.cat([v for _, v in self._pending])
 
     def restore_pending(self, keys: Tensor, scores: Tensor) -> None:
         """Continue from :meth:`pending_negatives` of a checkpoint."""
