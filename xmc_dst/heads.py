@@ -304,7 +304,7 @@ class LexicalHead(nn.Module):
             return 0
         used = self.labels.numel()
         keys = torch.cat([self._connection_keys(), keys])
-        slots = torch.cat([self.slot.long(), torch.arange(used, used + keys.numel() - used, device=keys.device)])
+        slots = torch.cat([self.slot.long(), torch.arange(used, keys.numel(), device=keys.device)])  # new: the spares
         order = torch.argsort(keys)
         keys, slots = keys[order], slots[order]
         terms = keys // self.num_labels
