@@ -48,6 +48,7 @@ from torch import nn
 
 from xmc_dst.clusters import count_clusters
 from xmc_dst.config_file import read_config
+from xmc_dst.grouped import covering_group_size
 from xmc_dst.memory import GIB, MIB, PartBytes
 from xmc_dst.optim import LOW_PRECISION_CHUNK, LOW_PRECISION_TEMPORARY_BYTES, split_no_decay
 from xmc_dst.paths import default_tokenizer
@@ -267,6 +268,8 @@ def estimate_memory_parts(*, num_labels: int, head_in: int, fan_in: int, batch_s
     low_precision = head_weight_dtype == "bfloat16"
     weight_bytes = DTYPE_BYTES[head_weight_dtype] if head_weight_dtype else param_bytes
     state_bytes = DTYPE_BYTES[head_state_dtype] if low_precision else weight_bytes
+    if group_size is not None:  # as GroupedFanInHead builds it
+        group_size = covering_group_size(num_labels, fan_in, head_in, group_size)
     rows = num_labels if group_size is None else -(-num_labels // group_size)  # index rows: labels or groups
     slots = num_labels if group_size is None else rows * group_size
     sparse_params = slots * fan_in + num_labels

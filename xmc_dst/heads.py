@@ -22,6 +22,7 @@ then steps them in fp32 and rounds back stochastically (:mod:`xmc_dst.optim`), m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -29,12 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from xmc_dst.clusters import load_cluster_file
-from xmc_dst.grouped import GroupedFanInLinear, GroupedImpl, group_positions
+from xmc_dst.grouped import GroupedFanInLinear, GroupedImpl, covering_group_size, group_positions
 from xmc_dst.optim import ALGORITHMS, SCHEDULES, STATE_DTYPES, Algorithm, Schedule
 from xmc_dst.sparse import FixedFanInLinear, Impl, sparse_input_linear
 
 __all__ = ["DenseHead", "FixedFanInHead", "GroupedFanInHead", "HeadFactory", "HeadOptimizer", "InputTooNarrow",
            "LexicalHead"]
+
+log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -129,7 +132,8 @@ class GroupedFanInHead(GroupedFanInLinear):
     Args:
         in_features, num_labels, generator: given by the model.
         fan_in: inputs per group, ``1 <= fan_in <= in_features``.
-        group_size: labels per group (HASTE: 16 or 32; 1 is the per-label head's layout).
+        group_size: labels per group (HASTE: 16 or 32; 1 is the per-label head's layout), lowered (with a warning)
+            to the largest size whose groups can still reach every input (:func:`xmc_dst.grouped.covering_group_size`).
         cluster_file: a label -> cluster assignment (see :func:`xmc_dst.clusters.load_cluster_file`; label ids, not
             names) whose clusters become runs of groups (:func:`xmc_dst.grouped.group_positions`); None: label-id
             order until :class:`callbacks.LabelGrouping` groups the labels by clusters of the training data.
@@ -148,6 +152,12 @@ class GroupedFanInHead(GroupedFanInLinear):
                                  rounding_seed)
         dtype = weight_dtype_of(weight_dtype)
         _check_fan_in(fan_in, in_features)
+        covering = covering_group_size(num_labels, fan_in, in_features, group_size)
+        if covering < group_size:
+            log.warning("GroupedFanInHead: group_size %d lowered to %d, so that its %d labels' groups of fan-in %d "
+                        "can still reach all %d inputs (xmc_dst.grouped.covering_group_size)", group_size, covering,
+                        num_labels, fan_in, in_features)
+            group_size = covering
         assignment = load_cluster_file(cluster_file, num_labels) if cluster_file else None
         super().__init__(in_features, num_labels, fan_in, group_size, impl=impl, generator=generator,
                          label_position=group_positions(num_labels, group_size, assignment))
