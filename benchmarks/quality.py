@@ -196,6 +196,19 @@ def _change_callback(config: dict[str, Any], key: str, value: Any) -> None:
 # One run (in its own process).
 # --------------------------------------------------------------------------------------------------------------
 
+def shared_cache_path(spec: dict[str, Any]) -> Path | None:
+    """The file of the frozen encoder's pooled features that every run of ``spec``'s dataset and encoder settings
+    shares (None: the run caches no features)."""
+    config = apply_changes(yaml.safe_load((ROOT / spec["config"]).read_text()), spec["changes"])
+    encoder = config["model"]["encoder"]
+    if not (encoder.get("init_args", {}).get("cache_features") and spec.get("feature_cache_dir")):
+        return None
+    pooled_by = {k: encoder.get("init_args", {}).get(k) for k in ("pooling", "num_layers", "layers", "pretrained")}
+    key = json.dumps([spec["config"], encoder.get("class_path"), pooled_by, config["data"]], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(spec["feature_cache_dir"]) / f"{spec['dataset']}-{digest}.pt"
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Fit and test one configuration in this process; return metrics, times, memory and the val P@1 curve."""
     import torch
@@ -222,12 +235,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     app = cli(["--config", str(path)], run=False)
     app.trainer.callbacks.extend([timing, memory])
     shared = None
-    encoder = config["model"]["encoder"]
-    if encoder.get("init_args", {}).get("cache_features") and spec.get("feature_cache_dir"):
-        pooled_by = {k: encoder.get("init_args", {}).get(k) for k in ("pooling", "num_layers", "layers", "pretrained")}
-        key = json.dumps([spec["config"], encoder.get("class_path"), pooled_by, config["data"]], sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        shared = SharedFeatureCache(Path(spec["feature_cache_dir"]) / f"{spec['dataset']}-{digest}.pt")
+    if (cache_path := shared_cache_path(spec)) is not None:
+        shared = SharedFeatureCache(cache_path)
         app.trainer.callbacks.append(shared)
     app.trainer.fit(app.model, datamodule=app.datamodule)
     fit_s = time.perf_counter() - start
@@ -269,12 +278,16 @@ def _part_mib(part: dict[str, Any] | None) -> float | None:
 def run_jobs(jobs: list[dict[str, Any]], parallel: int, runs: list[dict[str, Any]], runs_path: Path,
              command: str) -> None:
     """Run ``jobs`` ``parallel`` at a time, appending each result to ``runs_path`` as it ends. The first job of a
-    dataset runs before that dataset's others (it writes the shared feature cache they read)."""
+    dataset runs before that dataset's others (it writes the shared feature cache they read), unless that cache
+    exists already."""
     lock = threading.Lock()
     first_of = {}
     for job in jobs:
         first_of.setdefault(job["dataset"], id(job))
     primed = {dataset: threading.Event() for dataset in first_of}
+    for job in jobs:
+        if id(job) == first_of[job["dataset"]] and (path := shared_cache_path(job)) is not None and path.exists():
+            primed[job["dataset"]].set()
     pending = list(jobs)
 
     def next_job() -> dict[str, Any] | None:
