@@ -85,6 +85,14 @@ def grouped(size: int) -> dict[str, Any]:
     return {"model.head.class_path": "xmc_dst.heads.GroupedFanInHead", "model.head.init_args.group_size": size,
             "model.head.init_args.impl": None, f"callbacks.{GROUPING}": {}}
 
+UNWEIGHTED = {"model.positive_weighting": "none"}
+
+
+def projection_lr(lr: float) -> dict[str, Any]:
+    """The lexical projection's learning rate (the TF-IDF EmbeddingBag beside the pooled encoder output)."""
+    return {"model.encoder.init_args.lexical_lr": lr}
+
+
 RELU_1024 = {"model.intermediate_dim": 1024, "model.intermediate_activation": "relu"}
 DEBIAN_FILES = {"data.class_path": "datamodules.DebianFiles"}  # the same recipe, the other shipped raw-text set
 # The raw-text recipe (configs/raw-text.yaml) and what each of its parts buys, on every raw-text dataset.
@@ -97,6 +105,15 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "recipe-propensity": {"model.positive_weighting": "none"},
     "recipe-lexical-lr": {"model.lexical_head_lr": None},
     "recipe+negatives": {"model.lexical_negatives": 0.5},
+    # the lexical projection's learning rate (the recipe: 1e-3) with and without propensity-weighted positives
+    "recipe-propensity-steps1500": {**UNWEIGHTED, "callbacks.callbacks.TrainingBudget": {"steps": 1500}},
+    "recipe-propensity-projlr1e-4": {**UNWEIGHTED, **projection_lr(1e-4)},
+    "recipe-propensity-projlr1e-5": {**UNWEIGHTED, **projection_lr(1e-5)},
+    "recipe-projlr1e-4": projection_lr(1e-4),
+    "recipe-projlr1e-5": projection_lr(1e-5),
+    "recipe-propensity-projlr1e-5-lexlr3e-3": {**UNWEIGHTED, **projection_lr(1e-5), "model.lexical_head_lr": 3e-3},
+    "recipe-propensity-projlr1e-5+negatives": {**UNWEIGHTED, **projection_lr(1e-5), "model.lexical_negatives": 0.5},
+    "recipe-propensity-projlr1e-5-f256": {**UNWEIGHTED, **projection_lr(1e-5), "model.head.init_args.fan_in": 256},
     **{f"recipe+grouped-g{size}": grouped(size) for size in GROUP_SIZES},
     "recipe+bf16-sr": dict(BF16_SR),
     "recipe+grouped-g16+bf16-sr": {**grouped(16), **BF16_SR},
