@@ -86,6 +86,7 @@ def grouped(size: int) -> dict[str, Any]:
             "model.head.init_args.impl": None, f"callbacks.{GROUPING}": {}}
 
 UNWEIGHTED = {"model.positive_weighting": "none"}
+NO_HOLDOUT = {"data.init_args.val_fraction": 0.0, "data.init_args.val_on_test": False}  # train on all, test the last
 
 
 def projection_lr(lr: float) -> dict[str, Any]:
@@ -114,6 +115,7 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "recipe-propensity-projlr1e-5-lexlr3e-3": {**UNWEIGHTED, **projection_lr(1e-5), "model.lexical_head_lr": 3e-3},
     "recipe-propensity-projlr1e-5+negatives": {**UNWEIGHTED, **projection_lr(1e-5), "model.lexical_negatives": 0.5},
     "recipe-propensity-projlr1e-5-f256": {**UNWEIGHTED, **projection_lr(1e-5), "model.head.init_args.fan_in": 256},
+    "recipe-propensity-projlr1e-5-noholdout": {**UNWEIGHTED, **projection_lr(1e-5), **NO_HOLDOUT},
     **{f"recipe+grouped-g{size}": grouped(size) for size in GROUP_SIZES},
     "recipe+bf16-sr": dict(BF16_SR),
     "recipe+grouped-g16+bf16-sr": {**grouped(16), **BF16_SR},
@@ -294,17 +296,18 @@ def _part_mib(part: dict[str, Any] | None) -> float | None:
 
 def run_jobs(jobs: list[dict[str, Any]], parallel: int, runs: list[dict[str, Any]], runs_path: Path,
              command: str) -> None:
-    """Run ``jobs`` ``parallel`` at a time, appending each result to ``runs_path`` as it ends. The first job of a
-    dataset runs before that dataset's others (it writes the shared feature cache they read), unless that cache
-    exists already."""
+    """Run ``jobs`` ``parallel`` at a time, appending each result to ``runs_path`` as it ends. The first job of each
+    shared feature cache runs before the others that read it (it writes the cache), unless the cache exists."""
     lock = threading.Lock()
-    first_of = {}
+    paths = {id(job): shared_cache_path(job) for job in jobs}
+    cache_of = {id(job): str(paths[id(job)] or job["dataset"]) for job in jobs}
+    first_of: dict[str, int] = {}
     for job in jobs:
-        first_of.setdefault(job["dataset"], id(job))
-    primed = {dataset: threading.Event() for dataset in first_of}
+        first_of.setdefault(cache_of[id(job)], id(job))
+    primed = {cache: threading.Event() for cache in first_of}
     for job in jobs:
-        if id(job) == first_of[job["dataset"]] and (path := shared_cache_path(job)) is not None and path.exists():
-            primed[job["dataset"]].set()
+        if paths[id(job)] is not None and paths[id(job)].exists():
+            primed[cache_of[id(job)]].set()
     pending = list(jobs)
 
     def next_job() -> dict[str, Any] | None:
@@ -313,7 +316,8 @@ def run_jobs(jobs: list[dict[str, Any]], parallel: int, runs: list[dict[str, Any
                 if not pending:
                     return None
                 for job in pending:
-                    if id(job) == first_of[job["dataset"]] or primed[job["dataset"]].is_set():
+                    cache = cache_of[id(job)]
+                    if id(job) == first_of[cache] or primed[cache].is_set():
                         pending.remove(job)
                         return job
             time.sleep(1.0)
@@ -328,7 +332,7 @@ def run_jobs(jobs: list[dict[str, Any]], parallel: int, runs: list[dict[str, Any
                       flush=True)
                 continue
             finally:
-                primed[job["dataset"]].set()
+                primed[cache_of[id(job)]].set()
             row = {**{k: job[k] for k in ("dataset", "variant", "seed", "config", "changes", "threads")},
                    **result, "parallel": parallel, "started": started, "machine": machine(),
                    "commit": git_commit(), "command": command}
