@@ -242,6 +242,11 @@ class XMCDataModule(L.LightningDataModule):
     num_train_docs: int
 
     @property
+    def validates(self) -> bool:
+        """Whether a validation loop runs: on a held-out split (``val_fraction > 0``) or on the test split."""
+        return self.val_fraction > 0 or self.val_on_test
+
+    @property
     def label_keys(self) -> list[str]:
         """The strings a label-cluster file names the labels by, one per label id (default: ``label_names``)."""
         return self.label_names
@@ -272,7 +277,7 @@ class XMCDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_fraction > 0:
             return self._loader("val", shuffle=False)
-        if not self.val_on_test:
+        if not self.validates:
             return []
         if not self._val_on_test_logged:
             log.info("%s: no validation split (val_fraction=0); validating on the test split", type(self).__name__)

@@ -277,6 +277,15 @@ def metrics_table(metrics: dict[str, float], title: str) -> Any:
     return table
 
 
+def keep_last_epoch(trainer: Trainer) -> None:
+    """Without a validation loop there is nothing to select on: the checkpoint callback keeps the last epoch's
+    weights (what ``test_after_fit`` then tests) instead of warning every epoch that ``monitor`` was never logged."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and not isinstance(callback, LastCheckpoint):
+            callback.monitor = None
+            callback.filename = "epoch{epoch:03d}-step{step}"
+
+
 class XMCLightningCLI(LightningCLI):
     """LightningCLI with the data -> model links, checkpointing/early stopping on ``monitor``, a JSON-lines
     prediction writer, CSV logging and a rich progress bar by default, and an optional test after ``fit``."""
@@ -379,7 +388,10 @@ class XMCLightningCLI(LightningCLI):
                 isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(RichProgressBar())
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not getattr(self.datamodule, "validates", True):
+            keep_last_epoch(trainer)
+        return trainer
 
     # The subcommands run these methods instead of the Trainer's (LightningCLI looks them up by name).
 
