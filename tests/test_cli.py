@@ -286,3 +286,21 @@ def test_lexical_channel_end_to_end_and_predictor_featurizes_like_the_cache(tiny
     for record, result in zip(records, results, strict=True):
         assert [name for name, _ in result] == record["labels"]
         assert [score for _, score in result] == pytest.approx(record["scores"], abs=1e-5)
+
+
+def test_without_validation_the_last_epoch_is_kept_and_tested(tiny_data, tiny_encoder_dir, tmp_path, recwarn):
+    """val_fraction 0 and val_on_test false (the raw-text recipe): no validation loop, so the checkpoint callback
+    keeps the last epoch's weights (no warning about a monitor never logged) and test_after_fit tests those."""
+    args = base_args(tiny_data, tiny_encoder_dir, tmp_path, "--data.val_fraction", "0", "--data.val_on_test", "false",
+                     "--trainer.enable_progress_bar", "false")
+    run = cli(["fit", *args, "--trainer.max_epochs", "3", "--test_after_fit", "true"])
+    assert not run.datamodule.validates and run.datamodule.val_dataloader() == []
+    kept = Path(run.trainer.checkpoint_callback.best_model_path)
+    assert kept.name == f"epoch002-step{run.trainer.global_step}.ckpt"
+    assert sorted(p.name for p in kept.parent.glob("epoch*.ckpt")) == [kept.name]  # one, the newest
+    saved = torch.load(kept, weights_only=True)["state_dict"]
+    live = run.model.state_dict()
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in live)  # the final weights
+    assert not [w for w in recwarn if "monitor" in str(w.message)]
+    rows = list(csv.DictReader((Path(run.trainer.log_dir) / "metrics.csv").open()))
+    assert not [c for c in rows[0] if c.startswith("val/")] and any(r["test/P@1"] for r in rows)
