@@ -23,6 +23,7 @@ Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one 
   recipe+holdout       10% of the training documents held out to choose the checkpoint (v3's protocol; the recipe
                        trains on every document and tests the last epoch)
   recipe+fan-in-256    the sparse head at fan-in 256
+  recipe+label-names   the head starts at its labels' names read as documents (model.head_init label_names)
   recipe-lexical-lr    the lexical head at the head's learning rate 1e-3 (the recipe: 1e-2)
   recipe+negatives     the lexical head grows negative evidence (lexical_negatives 0.5, callbacks.LexicalNegatives)
   recipe+grouped-g<G>  the sparse head as a grouped one (GroupedFanInHead, G labels per shared index row, grouped
@@ -106,6 +107,7 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "recipe-lexical-lr": {"model.lexical_head_lr": None},
     "recipe+negatives": {"model.lexical_negatives": 0.5},
     "recipe+fan-in-256": {"model.head.init_args.fan_in": 256},
+    "recipe+label-names": {"model.head_init": "label_names"},  # the head starts at its labels' name vectors
     **{f"recipe+grouped-g{size}": grouped(size) for size in GROUP_SIZES},
     "recipe+bf16-sr": dict(BF16_SR),
     "recipe+grouped-g16+bf16-sr": {**grouped(16), **BF16_SR},

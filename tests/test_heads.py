@@ -259,3 +259,41 @@ def test_lexical_head_resumes_its_recorded_evidence_exactly():
     assert none.grow_negatives() == 0 and none.slot.numel() == 0
     with pytest.raises(ValueError, match="lexical_negatives"):
         LexicalHead(features, labels, max_terms=5, negative_fraction=-0.1)
+
+
+def test_start_from_connects_each_label_to_its_largest_coordinates():
+    """Oracle: per row, the fan_in largest coordinates (sorted), weighted by those values at the row's old norm;
+    a row with no positive value keeps its start; biases stay; starting in two chunks equals one call."""
+    torch.manual_seed(0)
+    head = FixedFanInHead(12, 6, torch.Generator().manual_seed(1), fan_in=4)
+    embeddings = torch.randn(6, 12)
+    embeddings[3] = -embeddings[3].abs()  # nothing positive: keeps its random start
+    before = {name: tensor.clone() for name, tensor in head.state_dict().items()}
+    chunked = FixedFanInHead(12, 6, torch.Generator().manual_seed(1), fan_in=4)
+    head.start_from(embeddings)
+    chunked.start_from(embeddings[:2])
+    chunked.start_from(embeddings[2:], first=2)
+    for row in range(6):
+        if row == 3:
+            assert head.indices[row].tolist() == before["indices"][row].tolist()
+            assert torch.equal(head.weight[row], before["weight"][row])
+            continue
+        ranked = sorted(range(12), key=lambda c: -float(embeddings[row, c]))[:4]
+        chosen = sorted(ranked)
+        values = embeddings[row, chosen]
+        expected = values / values.norm() * before["weight"][row].norm()
+        assert head.indices[row].tolist() == chosen
+        torch.testing.assert_close(head.weight[row], expected)
+    assert torch.equal(head.bias, before["bias"])
+    assert torch.equal(chunked.indices, head.indices) and torch.equal(chunked.weight, head.weight)
+
+
+def test_dense_start_from_takes_the_whole_vector_at_the_old_norm():
+    head = DenseHead(5, 3, torch.Generator().manual_seed(0))
+    before = head.weight.detach().clone()
+    embeddings = torch.tensor([[1.0, 2.0, 0.0, -1.0, 0.5], [0.0] * 5, [3.0, 0.0, 0.0, 0.0, 4.0]])
+    head.start_from(embeddings)
+    for row in (0, 2):
+        expected = embeddings[row] / embeddings[row].norm() * before[row].norm()
+        torch.testing.assert_close(head.weight[row].detach(), expected)
+    assert torch.equal(head.weight[1].detach(), before[1])  # an all-zero vector: no direction, kept

@@ -345,3 +345,45 @@ def test_checkpoints_of_the_layout_before_head_components_load_and_predict_as_th
     assert migrate_hparams(migrated) == migrated  # today's form comes back unchanged
     with pytest.raises(ValueError, match="neither 'sparse' nor 'dense'"):
         migrate_hparams({**saved, "head": "grouped"})
+
+
+@pytest.mark.parametrize("intermediate_dim", [0, 16])
+def test_head_starts_at_the_label_name_vectors(tiny_encoder_dir, intermediate_dim):
+    """head_init='label_names': each name is read alone through encoder (and intermediate layer) as the oracle,
+    the vectors are centred over labels, and every label connects to its fan_in largest coordinates."""
+    from transformers import AutoTokenizer
+
+    names = ["lang::python", "use::gameplaying", "protocol::ip", "works-with::db", "role::shared-lib", "game"]
+    module = XMCModule(encoder=functools.partial(TransformerEncoder, pooling="mean"), num_labels=len(names),
+                       tokenizer=str(tiny_encoder_dir), head=functools.partial(FixedFanInHead, fan_in=4),
+                       intermediate_dim=intermediate_dim, intermediate_activation="relu", head_init="label_names",
+                       seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_encoder_dir))
+    old_norms = module.head.weight.detach().norm(dim=1)
+    module.eval()
+    with torch.no_grad():
+        vectors = []
+        for name in names:  # one at a time: no padding
+            encoded = tokenizer([name], return_tensors="pt")
+            features = module.encoder({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+            vectors.append((module.intermediate(features) if intermediate_dim else features)[0])
+    centred = torch.stack(vectors) - torch.stack(vectors).mean(0)
+    module.train()
+    module.start_head_from_label_names(names, tokenizer, max_length=64)  # no name is cut
+    assert module.training
+    for row in range(len(names)):
+        chosen = sorted(centred[row].topk(4).indices.tolist())
+        assert module.head.indices[row].tolist() == chosen
+        expected = centred[row, chosen] / centred[row, chosen].norm() * old_norms[row]
+        torch.testing.assert_close(module.head.weight[row].detach(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_head_init_names_needs_a_head_that_can_start_from_vectors():
+    with pytest.raises(ValueError, match="head_init='label_names' needs a head .* not GroupedFanInHead"):
+        XMCModule(encoder=functools.partial(BagOfWordsEncoder, embedding_dim=8, hidden_dim=6), num_labels=11,
+                  num_features=20, head=functools.partial(GroupedFanInHead, fan_in=3, group_size=2),
+                  head_init="label_names")
+    with pytest.raises(ValueError, match="head_init must be 'random' or 'label_names'"):
+        _bow_module(head_init="names")
+    with pytest.raises(ValueError, match="needs text data"):
+        _bow_module(head_init="label_names").start_head_from_label_names(["a"], None, 8)

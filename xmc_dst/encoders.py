@@ -29,7 +29,7 @@ Pooling = Literal["cls", "mean", "cls_concat"]
 Activation = Literal["identity", "relu", "gelu", "tanh"]
 
 __all__ = ["ACTIVATIONS", "BagOfWordsEncoder", "EncoderFactory", "EncoderInputs", "TransformerEncoder",
-           "LexicalProjection", "activation", "masked_mean"]
+           "LexicalProjection", "activation", "encode_texts", "masked_mean"]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "identity": nn.Identity,
@@ -67,6 +67,18 @@ class EncoderInputs:
 
 
 EncoderFactory = Callable[[EncoderInputs], nn.Module]
+
+
+def encode_texts(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
+                 device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The batch dict ``encoder`` reads for raw ``texts``: token ids padded to the longest and truncated to
+    ``max_length``, plus the lexical TF-IDF entries when the encoder projects them (its vocabulary set)."""
+    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+    lexical = getattr(encoder, "lexical", None)
+    if lexical is not None:
+        batch.update({key: value.to(device) for key, value in lexical.featurize(texts).items()})
+    return batch
 
 
 def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:

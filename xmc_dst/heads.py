@@ -347,3 +347,16 @@ class DenseHead(nn.Linear):
             self.weight.normal_(0.0, 0.02, generator=generator)
             self.bias.zero_()
         self.optimizer_settings = settings
+
+    @torch.no_grad()
+    def start_from(self, embeddings: Tensor, first: int = 0) -> None:
+        """Start labels ``first ..`` at their rows of ``embeddings`` ``[n, in_features]``, rescaled to the norm of
+        their present weights (the sparse head's :meth:`~xmc_dst.sparse.FixedFanInLinear.start_from` without the
+        choice of inputs); an all-zero row keeps its start."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.in_features:
+            raise ValueError(f"embeddings must be [n, {self.in_features}], got {list(embeddings.shape)}")
+        rows = slice(first, first + embeddings.shape[0])
+        values = embeddings.float().to(self.weight.device)
+        norms = values.norm(dim=1, keepdim=True)
+        scaled = values * self.weight[rows].norm(dim=1, keepdim=True) / norms.clamp_min(1e-12)
+        self.weight[rows] = torch.where(norms > 0, scaled, self.weight[rows])

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from xmc_dst.encoders import encode_texts
 from xmc_dst.model import XMCModule, check_checkpoint, check_k, saved_hparams, top_k
 from xmc_dst.paths import MINILM_TAIL, minilm_dir
 from xmc_dst.texts import text_batch
@@ -109,15 +110,8 @@ class Predictor:
         features of the whole texts when the encoder projects them); a ``str`` is one text."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (bag-of-words data): use topk_batch with feature batches")
-        texts = text_batch(texts, "Predictor.encode")
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-        batch = {"input_ids": encoded["input_ids"].to(self.device),
-                 "attention_mask": encoded["attention_mask"].to(self.device)}
-        lexical = getattr(self.module.encoder, "lexical", None)
-        if lexical is not None:  # the TF-IDF vocabulary travels in the checkpoint's buffers
-            batch.update(lexical.featurize(texts))
-        return batch
+        texts = text_batch(texts, "Predictor.encode")  # the TF-IDF vocabulary travels in the checkpoint's buffers
+        return encode_texts(self.module.encoder, self.tokenizer, texts, self.max_length, self.device)
 
     @torch.no_grad()
     def topk_batch(self, batch: Mapping[str, Tensor], k: int = 5) -> tuple[Tensor, Tensor]:

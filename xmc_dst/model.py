@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from xmc_dst.clusters import ClusterNamesNeeded, count_clusters, load_cluster_file
 from xmc_dst.components import factory_spec, resolve_factory
-from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation
+from xmc_dst.encoders import Activation, EncoderFactory, EncoderInputs, activation, encode_texts
 from xmc_dst.heads import FixedFanInHead, HeadFactory, HeadOptimizer, InputTooNarrow, LexicalHead
 from xmc_dst.losses import LossName, Reduction, bce_with_logits, rows_of, xmc_loss
 from xmc_dst.metrics import XMCMetrics, inverse_propensity, mask_reciprocal_logits
@@ -207,6 +207,10 @@ class XMCModule(L.LightningModule):
         lexical_negatives: spare connections of the lexical head for negative evidence, as a share of its support
             (0: none); :class:`callbacks.LexicalNegatives` fills them with the (term, label) pairs the loss gradient
             asks for.
+        head_init: ``random``, or ``label_names``: at the start of ``fit`` every label's name is read as a document
+            (encoder, lexical channel, intermediate layer), the vectors are centred on their mean over labels, and
+            each label's head weights start there (the sparse head connects to the ``fan_in`` largest coordinates,
+            with those values as weights; the dense head takes the whole vector), at the initialisation's norm.
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
         aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
@@ -241,6 +245,7 @@ class XMCModule(L.LightningModule):
         head: HeadFactory | None = None,
         intermediate_dim: int = 0,
         intermediate_activation: Activation = "identity",
+        head_init: Literal["random", "label_names"] = "random",
         lexical_terms: int = 0,
         lexical_connections: int | None = 20_000_000,
         lexical_head_lr: float | None = None,
@@ -267,6 +272,8 @@ class XMCModule(L.LightningModule):
             raise ValueError(f"num_labels must be positive, got {num_labels}")
         if loss not in ("bce", "squared_hinge"):
             raise ValueError(f"loss must be 'bce' or 'squared_hinge', got {loss!r}")
+        if head_init not in ("random", "label_names"):
+            raise ValueError(f"head_init must be 'random' or 'label_names', got {head_init!r}")
         if positive_weighting not in ("none", "propensity"):
             raise ValueError(f"positive_weighting must be 'none' or 'propensity', got {positive_weighting!r}")
         check_k(predict_k, "model.predict_k")
@@ -293,6 +300,9 @@ class XMCModule(L.LightningModule):
             self.intermediate = None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.head = self._build_head(head, features, num_labels, generator, intermediate_dim)
+        if head_init == "label_names" and not hasattr(self.head, "start_from"):
+            raise ValueError(f"head_init='label_names' needs a head that can start from label vectors (start_from): "
+                             f"FixedFanInHead or DenseHead, not {type(self.head).__name__}")
         self.lexical_head: LexicalHead | None = None
         if lexical_terms:
             if not num_lexical_features:
@@ -382,6 +392,32 @@ class XMCModule(L.LightningModule):
         if self.lexical_head is not None:
             logits = logits + self.lexical_head(batch)
         return logits
+
+    @torch.no_grad()
+    def label_name_vectors(self, names: Sequence[str], tokenizer: Any, max_length: int,
+                           batch_size: int = 256) -> Tensor:
+        """The head's inputs (encoder, lexical channel, intermediate layer) of each name read as a document,
+        ``[len(names), head inputs]``, in eval mode."""
+        training = self.training
+        self.eval()
+        try:
+            rows = []
+            for start in range(0, len(names), batch_size):
+                batch = encode_texts(self.encoder, tokenizer, names[start:start + batch_size], max_length, self.device)
+                features = self.features(batch)
+                rows.append((self.intermediate(features) if self.intermediate is not None else features).float())
+            return torch.cat(rows)
+        finally:
+            self.train(training)
+
+    def start_head_from_label_names(self, names: Sequence[str], tokenizer: Any, max_length: int) -> None:
+        """``head_init='label_names'``: the head starts at its labels' name vectors, centred on their mean (what
+        every name shares says nothing about one label)."""
+        if tokenizer is None:
+            raise ValueError("head_init='label_names' needs text data (a tokenizer reads the label names)")
+        vectors = self.label_name_vectors(names, tokenizer, max_length)
+        self.head.start_from(vectors - vectors.mean(dim=0, keepdim=True))
+        log.info("head started at the vectors of %d label names", len(names))
 
     def scores(self, logits: Tensor) -> Tensor:
         """Scores reported by predictions: sigmoid probabilities for ``bce``, raw margins for ``squared_hinge``."""
@@ -523,6 +559,9 @@ class XMCModule(L.LightningModule):
             if stage == "fit" and self.lexical_head is not None and not bool(self.lexical_head.initialised):
                 support = datamodule.label_term_support(self.lexical_head.max_terms, self.lexical_head.max_connections)
                 self.lexical_head.set_support(*(torch.from_numpy(array) for array in support))
+            if stage == "fit" and self.hparams.get("head_init", "random") == "label_names":
+                self.start_head_from_label_names(self.label_names, getattr(datamodule, "tokenizer", None),
+                                                 int(getattr(datamodule, "max_length", 128)))
             if stage in ("fit", "validate", "test") and hasattr(datamodule, "train_label_counts"):
                 inv_propensity = inverse_propensity(
                     datamodule.train_label_counts, datamodule.num_train_docs,

@@ -366,6 +366,23 @@ class FixedFanInLinear(nn.Module):
             self.bias.copy_(_uniform(self.bias.shape, bound, generator, self.bias))
         self.topology_version.zero_()
 
+    @torch.no_grad()
+    def start_from(self, embeddings: Tensor, first: int = 0) -> None:
+        """Start outputs ``first ..`` at their rows of ``embeddings`` ``[n, in_features]``: each output connects to
+        the ``fan_in`` inputs where its row is largest, weighted by those values rescaled to the norm of the output's
+        present weights (the initialisation's scale is kept); biases stay. A row with no positive value keeps its
+        start (nothing points anywhere)."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.in_features:
+            raise ValueError(f"embeddings must be [n, {self.in_features}], got {list(embeddings.shape)}")
+        rows = slice(first, first + embeddings.shape[0])
+        values, chosen = embeddings.float().to(self.weight.device).topk(self.fan_in, dim=1)
+        chosen, order = chosen.sort(dim=1)
+        values = values.gather(1, order)
+        scale = self.weight[rows].float().norm(dim=1, keepdim=True) / values.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        keep = values.max(dim=1).values <= 0
+        self.weight[rows] = torch.where(keep[:, None], self.weight[rows].float(), values * scale).to(self.weight.dtype)
+        self.indices[rows] = torch.where(keep[:, None], self.indices[rows], chosen.to(self.indices.dtype))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
                 f"bias={self.bias is not None}, impl={self.impl}")
