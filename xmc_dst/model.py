@@ -211,6 +211,7 @@ class XMCModule(L.LightningModule):
             (encoder, lexical channel, intermediate layer), the vectors are centred on their mean over labels, and
             each label's head weights start there (the sparse head connects to the ``fan_in`` largest coordinates,
             with those values as weights; the dense head takes the whole vector), at the initialisation's norm.
+            It costs one encoder pass over the names and, once, ``labels x head inputs`` floats.
         intermediate_activation: its activation; ``identity`` as the authors (they configure ReLU but never apply
             it in training).
         aux_clusters: number of label clusters of the auxiliary meta-classifier (0: no auxiliary head).
