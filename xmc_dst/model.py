@@ -376,11 +376,13 @@ class XMCModule(L.LightningModule):
         """Encoder output (after its dropout), the input of the auxiliary head and the intermediate layer."""
         return self.encoder(batch)
 
+    def head_inputs(self, features: Tensor) -> Tensor:
+        """What the head reads: the encoder output through the intermediate layer, where there is one."""
+        return self.intermediate(features) if self.intermediate is not None else features
+
     def logits_from_features(self, features: Tensor) -> Tensor:
         """Label scores [batch, num_labels] (fp32 with the sparse head, also under autocast)."""
-        if self.intermediate is not None:
-            features = self.intermediate(features)
-        return self.head(features)
+        return self.head(self.head_inputs(features))
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Label scores [batch, num_labels] of a batch dict (text: ``input_ids``, ``attention_mask``; BoW:
@@ -405,8 +407,7 @@ class XMCModule(L.LightningModule):
             rows = []
             for start in range(0, len(names), batch_size):
                 batch = encode_texts(self.encoder, tokenizer, names[start:start + batch_size], max_length, self.device)
-                features = self.features(batch)
-                rows.append((self.intermediate(features) if self.intermediate is not None else features).float())
+                rows.append(self.head_inputs(self.features(batch)).float())
             return torch.cat(rows)
         finally:
             self.train(training)
