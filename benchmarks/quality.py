@@ -25,6 +25,7 @@ Variants on the raw-text sets (Debtags, DebianFiles; configs/raw-text.yaml, one 
                        trains on every document and tests the last epoch)
   recipe+fan-in-256    the sparse head at fan-in 256
   recipe+steps-6000    twice the training budget (callbacks.TrainingBudget steps 6000; the recipe: 3000)
+  recipe+features-250k a TF-IDF vocabulary of up to 250,000 terms (the recipe: 100,000)
   recipe+label-names   the head starts at its labels' names read as documents (model.head_init label_names)
   recipe-lexical-lr    the lexical head at the head's learning rate 1e-3 (the recipe: 1e-2)
   recipe+negatives     the lexical head grows negative evidence (lexical_negatives 0.5, callbacks.LexicalNegatives)
@@ -112,6 +113,7 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "recipe+negatives": {"model.lexical_negatives": 0.5},
     "recipe+fan-in-256": {"model.head.init_args.fan_in": 256},
     "recipe+steps-6000": {"callbacks.callbacks.TrainingBudget": {"steps": 6000}},  # twice the recipe's budget
+    "recipe+features-250k": {"data.init_args.lexical_features": 250_000},  # every term of >= 2 docs on both sets
     "recipe+label-names": {"model.head_init": "label_names"},  # the head starts at its labels' name vectors
     **{f"recipe+grouped-g{size}": grouped(size) for size in GROUP_SIZES},
     "recipe+bf16-sr": dict(BF16_SR),
