@@ -189,13 +189,17 @@ def inverse_propensities(label_counts: np.ndarray, num_docs: int) -> np.ndarray:
     return inverse_propensity(counts, int(num_docs), PROPENSITY_A, PROPENSITY_B).numpy().astype(np.float64)
 
 
+CONFIGS = {"debtags": "raw-text", "debian-files": "raw-text"}  # datasets trained by a shared config
+
+
 def _config_protocol(dataset: str) -> tuple[float, int]:
-    """(val_fraction, seed) of the data in ``configs/<dataset>.yaml`` (our models' held-out split)."""
+    """(val_fraction, seed) of the data in the dataset's config (``configs/<dataset>.yaml``, the raw-text sets'
+    ``configs/raw-text.yaml``): our models' held-out split, over whose complement the propensities are counted."""
     import yaml
 
-    path = REPO / "configs" / f"{dataset}.yaml"
+    path = REPO / "configs" / f"{CONFIGS.get(dataset, dataset)}.yaml"
     if not path.is_file():
-        return 0.1, 42
+        raise FileNotFoundError(f"{path}: the config of dataset {dataset!r}, whose split the peers' PSP must share")
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     init = ((config.get("data") or {}).get("init_args")) or {}
     return float(init.get("val_fraction", 0.0) or 0.0), int(init.get("seed", 42))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 sp = pytest.importorskip("scipy.sparse")  # scipy and scikit-learn come with the `test` extra
 pytest.importorskip("sklearn")
@@ -165,4 +166,9 @@ def test_row_schema_and_markdown() -> None:
     assert peers.mean_std([1.0, 2.0, 3.0]) == [2.0, 1.0] and peers.mean_std([4.0]) == [4.0, 0.0]
     assert math.isclose(peers.mean_std([0.1, 0.2])[0], 0.15)
     assert importlib.util.find_spec("yaml") is not None  # the protocol is read from configs/<dataset>.yaml
-    assert peers._config_protocol("bibtex") == (0.1, 42)
+    for dataset in peers.DATASETS:  # the split our models train on, read from the config each dataset runs with
+        name = peers.CONFIGS.get(dataset, dataset)
+        data = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text(encoding="utf-8"))["data"]["init_args"]
+        assert peers._config_protocol(dataset) == (data["val_fraction"], data.get("seed", 42))
+    with pytest.raises(FileNotFoundError, match="configs/nowhere.yaml"):
+        peers._config_protocol("nowhere")
