@@ -189,15 +189,16 @@ def inverse_propensities(label_counts: np.ndarray, num_docs: int) -> np.ndarray:
     return inverse_propensity(counts, int(num_docs), PROPENSITY_A, PROPENSITY_B).numpy().astype(np.float64)
 
 
-CONFIGS = {"debtags": "raw-text", "debian-files": "raw-text"}  # datasets trained by a shared config
-
-
 def _config_protocol(dataset: str) -> tuple[float, int]:
-    """(val_fraction, seed) of the data in the dataset's config (``configs/<dataset>.yaml``, the raw-text sets'
-    ``configs/raw-text.yaml``): our models' held-out split, over whose complement the propensities are counted."""
+    """(val_fraction, seed) of the data in the config the quality grid runs the dataset with (``configs/raw-text.yaml``
+    for the raw-text sets, ``configs/<dataset>.yaml`` otherwise): our models' held-out split, over whose complement the
+    propensities are counted."""
     import yaml
 
-    path = REPO / "configs" / f"{CONFIGS.get(dataset, dataset)}.yaml"
+    from benchmarks.quality import DATASETS as GRID  # the grid's dataset -> config table (not at module level: the
+    # PECOS child imports this file with numpy and scipy only)
+
+    path = REPO / (GRID[dataset]["config"] if dataset in GRID else f"configs/{dataset}.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the config of dataset {dataset!r}, whose split the peers' PSP must share")
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

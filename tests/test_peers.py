@@ -166,9 +166,10 @@ def test_row_schema_and_markdown() -> None:
     assert peers.mean_std([1.0, 2.0, 3.0]) == [2.0, 1.0] and peers.mean_std([4.0]) == [4.0, 0.0]
     assert math.isclose(peers.mean_std([0.1, 0.2])[0], 0.15)
     assert importlib.util.find_spec("yaml") is not None  # the protocol is read from configs/<dataset>.yaml
+    from benchmarks.quality import DATASETS as GRID  # importable: loading peers.py put the repository on sys.path
+
     for dataset in peers.DATASETS:  # the split our models train on, read from the config each dataset runs with
-        name = peers.CONFIGS.get(dataset, dataset)
-        data = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text(encoding="utf-8"))["data"]["init_args"]
+        data = yaml.safe_load((REPO / GRID[dataset]["config"]).read_text(encoding="utf-8"))["data"]["init_args"]
         assert peers._config_protocol(dataset) == (data["val_fraction"], data.get("seed", 42))
     with pytest.raises(FileNotFoundError, match="configs/nowhere.yaml"):
         peers._config_protocol("nowhere")
